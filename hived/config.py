@@ -1,0 +1,222 @@
+"""Configuration: model shape, training options, presets and run.toml files.
+
+Everything a run needs is a plain dataclass, so it can be saved inside a checkpoint as a dict,
+sent to a peer, and rebuilt exactly. Precedence, lowest first: dataclass defaults, the preset's
+file, the user's ``--config`` file, command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration the user can fix: the message says how."""
+
+
+@dataclass
+class ModelConfig:
+    """The shape of a GPT. Defaults were chosen by measurement: see docs/benchmarks.md."""
+
+    vocab_size: int = 256
+    block_size: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = False
+    pos: str = "rope"  # rope | learned
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    mlp: str = "swiglu"  # swiglu | gelu
+    tie_embeddings: bool = True
+    qk_norm: bool = False
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        _check_choice("pos", self.pos, ("rope", "learned"))
+        _check_choice("norm", self.norm, ("rmsnorm", "layernorm"))
+        _check_choice("mlp", self.mlp, ("swiglu", "gelu"))
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ConfigError("rope needs an even head size: change n_embd or n_head, or use pos = 'learned'")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer a run builds when it is not given a tokenizer file."""
+
+    kind: str = "char"  # char | bpe | path to a tokenizer.json
+    vocab_size: int = 4096  # BPE only: char-level vocabularies come from the corpus
+    min_frequency: int = 2
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``hived train``; the hive and cluster commands reuse these names."""
+
+    preset: str = "1m"
+    data: list[str] = field(default_factory=list)
+    tokenizer: str = "char"
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    val_fraction: float = 0.1
+    steps: int = 2000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.0
+    lr_schedule: str = "wsd"  # wsd | cosine | constant
+    warmup_steps: int = 50
+    decay_fraction: float = 0.3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_tokens: int = 1 << 20
+    sample_interval: int = 500
+    sample_tokens: int = 200
+    checkpoint_interval: int = 500
+    log_interval: int = 10
+    out: str = "runs/default"
+    resume: bool = False
+    device: str = "auto"
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    low_vram: bool = False
+    compile: bool = False
+    seed: int = 1337
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _check_choice("lr_schedule", self.lr_schedule, ("wsd", "cosine", "constant"))
+        _check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        for name in ("steps", "batch_size", "grad_accum", "eval_interval", "sample_interval",
+                     "checkpoint_interval", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError("--val-fraction must be between 0 and 1")
+        if isinstance(self.data, str):
+            self.data = [self.data]
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} = {value!r} is not one of {', '.join(choices)}")
+
+
+def _normalise(table: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace("-", "_"): v for k, v in table.items()}
+
+
+def build(cls: type, values: dict[str, Any], source: str):
+    """Make dataclass ``cls`` from ``values``, naming the source and the valid keys on a typo."""
+    values = _normalise(values)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown option(s) {', '.join(unknown)}; valid ones are: {', '.join(sorted(names))}"
+        )
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def configs_dir() -> Path:
+    """The ``configs/`` folder: the checkout's when run from source, else the copy in the wheel."""
+    checkout = Path(__file__).resolve().parent.parent / "configs"
+    if checkout.is_dir():
+        return checkout
+    return Path(str(resources.files("hived") / "_data" / "configs"))
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def preset_names() -> list[str]:
+    names = [p.stem for p in (configs_dir() / "models").glob("*.toml")]
+    return sorted(names, key=_size_key)
+
+
+def _size_key(name: str) -> tuple[float, str]:
+    try:
+        return (float(name.rstrip("m")), name)
+    except ValueError:
+        return (float("inf"), name)
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """A preset's tables: ``model`` (shape), and optionally ``tokenizer`` and ``train``."""
+    path = configs_dir() / "models" / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+    return read_toml(path)
+
+
+@dataclass
+class RunConfig:
+    """The resolved configuration of one training run."""
+
+    train: TrainConfig
+    model: dict[str, Any]  # overrides for ModelConfig; vocab_size is filled in from the tokenizer
+
+
+def resolve(flags: dict[str, Any], config_file: str | None = None,
+            resumed: dict[str, Any] | None = None) -> RunConfig:
+    """Merge preset (or, on resume, the checkpoint's saved config), config file and flags.
+
+    A flag whose value is ``None`` was not given. On resume the model's shape comes from the
+    checkpoint and cannot be changed; training options (steps, lr, ...) can.
+    """
+    file_values: dict[str, Any] = _normalise(read_toml(config_file)) if config_file else {}
+    file_model = file_values.pop("model", {})
+    given = {k: v for k, v in _normalise(flags).items() if v is not None}
+    if resumed is not None:
+        merged = dict(resumed["train_config"])
+        preset_name = merged["preset"]
+        asked = given.get("preset") or file_values.get("preset")
+        if asked not in (None, preset_name) or file_model:
+            raise ConfigError(
+                f"this run was trained with preset {preset_name}; a resumed run keeps its model, "
+                "so drop --preset/[model], or start a new run in another --out"
+            )
+        model = dict(resumed["model_config"])
+    else:
+        preset_name = given.get("preset") or file_values.get("preset") or TrainConfig.preset
+        preset = load_preset(preset_name)
+        merged = dict(preset.get("train", {}))
+        tok = preset.get("tokenizer", {})
+        if "kind" in tok:
+            merged["tokenizer"] = tok["kind"]
+        if "vocab_size" in tok:
+            merged["vocab_size"] = tok["vocab_size"]
+        model = {**preset.get("model", {}), **_normalise(file_model)}
+        build(ModelConfig, model, f"preset {preset_name}")  # fail early on a bad shape
+    merged.update(file_values)
+    merged.update(given)
+    merged["preset"] = preset_name
+    return RunConfig(train=build(TrainConfig, merged, config_file or "options"), model=model)
