@@ -1,0 +1,69 @@
+"""Checkpoint files: written atomically, read without unpickling arbitrary objects.
+
+A crash or a full disk while saving must never leave a half-written file under the real name,
+so every write goes to a temporary file in the same folder, is fsynced, then renamed over the
+target (rename is atomic on POSIX), and the folder is fsynced so the rename itself is durable.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "hived-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save(state: dict[str, Any], path: str | Path) -> None:
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, **state}, buf)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; every failure names the file and a fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {str(exc)[:200]}); "
+            "use another checkpoint of the run (best.pt, latest.pt, final.pt) or start a new --out"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a hived checkpoint")
+    if state.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {state.get('version')}; this hived reads {VERSION}"
+        )
+    return state

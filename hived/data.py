@@ -1,0 +1,240 @@
+"""Training text: finding and checking it, encoding it once, and cutting it into windows.
+
+Tokens are encoded once into a memory-mapped ``.bin`` file in a cache keyed by the corpus files
+and the tokenizer, so a corpus larger than RAM streams from disk and a second run starts at once.
+
+Batches come from a stateless mapping of *window index* → offset (a hash), so the whole data
+position of a run is one integer, a resumed run continues with exactly the windows it would have
+seen, and a coordinator can hand peers disjoint ranges of window indices.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write_bytes
+from .config import TrainConfig
+from .tokenizer import BPETokenizer, CharTokenizer, Tokenizer
+from .tokenizer import load as load_tokenizer
+
+TEXT_SUFFIXES = (".txt", ".md")
+CHUNK_BYTES = 1 << 22
+BUILTIN_NAME = "<built-in corpus: Python documentation topics>"
+
+
+class DataError(ValueError):
+    """Input data the user must fix; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """A named source of text, readable as chunks that end at line boundaries."""
+
+    name: str
+    path: Path | None = None  # None: the built-in corpus
+
+    def chunks(self) -> Iterator[str]:
+        if self.path is None:
+            yield builtin_text()
+        else:
+            yield from read_chunks(self.path)
+
+    def fingerprint(self) -> str:
+        if self.path is None:
+            return hashlib.sha256(builtin_text().encode()).hexdigest()
+        st = self.path.stat()
+        return f"{self.path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def builtin_text() -> str:
+    """Text that ships with every Python install, so `hived train` needs no download."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions strip it
+        raise DataError(
+            "the built-in corpus needs the standard library's pydoc_data, which this Python lacks; "
+            "pass --data with a text file or folder"
+        ) from None
+    return "\n\n".join(topics[k].strip() for k in sorted(topics)) + "\n"
+
+
+def discover(paths: Iterable[str]) -> list[Document]:
+    """Files as given, and the .txt/.md files under each folder (recursively, in sorted order)."""
+    paths = list(paths)
+    if not paths:
+        return [Document(BUILTIN_NAME)]
+    docs: list[Document] = []
+    for p in map(Path, paths):
+        if p.is_file():
+            docs.append(Document(str(p), p))
+        elif p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+            if not found:
+                raise DataError(f"folder {p} has no .txt or .md files; point --data at text files")
+            docs.extend(Document(str(f), f) for f in found)
+        else:
+            raise DataError(f"--data {p}: no such file or folder")
+    return docs
+
+
+def read_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+    """Decode a file as strict UTF-8 in chunks ending at newlines; refuse binary and empty files."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    carry, offset, any_text = "", 0, False
+    with path.open("rb") as f:
+        while True:
+            raw = f.read(chunk_bytes)
+            nul = raw.find(b"\x00")
+            if nul >= 0:
+                raise DataError(f"{path} looks binary (NUL byte at offset {offset + nul}); pass text files only")
+            try:
+                text = carry + decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path} is not UTF-8 text (bad byte at offset {offset + exc.start}); "
+                    f"convert it, e.g. `iconv -f latin1 -t utf-8 {path}`, or leave it out"
+                ) from None
+            offset += len(raw)
+            if not raw:
+                if text:
+                    any_text = any_text or bool(text.strip())
+                    yield text
+                break
+            cut = text.rfind("\n") + 1
+            if cut:
+                any_text = any_text or bool(text[:cut].strip())
+                yield text[:cut]
+            carry = text[cut:]
+    if not any_text:
+        raise DataError(f"{path} is empty (no text in it); add text or leave it out of --data")
+
+
+def texts(docs: list[Document]) -> Iterator[str]:
+    for doc in docs:
+        yield from doc.chunks()
+
+
+def validate(docs: list[Document]) -> None:
+    """Read every document once so bad files fail before anything is trained or cached."""
+    for _ in texts(docs):
+        pass
+
+
+def _dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def encode_to_cache(docs: list[Document], tok: Tokenizer, cache_dir: Path, progress=None) -> Path:
+    """Encode the corpus once into ``cache_dir``; a later call with the same inputs reuses it."""
+    key = hashlib.sha256(tok.to_json().encode())
+    for doc in docs:
+        key.update(doc.fingerprint().encode())
+    dtype = _dtype(tok.vocab_size)
+    path = cache_dir / f"{key.hexdigest()[:20]}.{dtype.name}.bin"
+    if path.is_file():
+        return path
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            for i, doc in enumerate(docs):
+                if i and tok.eot_id is not None:
+                    np.array([tok.eot_id], dtype=dtype).tofile(f)
+                for chunk in doc.chunks():
+                    tok.encode(chunk).astype(dtype).tofile(f)
+                    if progress:
+                        progress(len(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A well-mixed 64-bit hash (SplitMix64); uint64 arithmetic wraps by design."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class TokenData:
+    """A tokenized corpus split into train (first part) and validation (last part)."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, val_fraction: float, seed: int,
+                 name: str = "corpus"):
+        n = len(tokens)
+        n_val = max(block_size + 1, int(n * val_fraction))
+        if n - n_val < block_size + 1:
+            raise DataError(
+                f"{name} has only {n} tokens, too few for a context of {block_size} plus a "
+                f"validation split; add more text or choose a preset with a shorter context"
+            )
+        self.block_size = block_size
+        self.train = tokens[: n - n_val]
+        self.val = tokens[n - n_val:]
+        self._key = _splitmix64(np.array([seed], dtype=np.uint64))[0]
+        self._arange = np.arange(block_size + 1)
+
+    @classmethod
+    def from_file(cls, path: Path, vocab_size: int, block_size: int, val_fraction: float,
+                  seed: int, name: str) -> TokenData:
+        if path.stat().st_size == 0:
+            raise DataError(f"{name} encoded to no tokens; add text to --data")
+        tokens = np.memmap(path, dtype=_dtype(vocab_size), mode="r")
+        return cls(tokens, block_size, val_fraction, seed, name=name)
+
+    def offsets(self, start: int, count: int) -> np.ndarray:
+        """Start offsets of train windows ``start .. start+count-1`` (window index → offset)."""
+        idx = np.arange(start, start + count, dtype=np.uint64) ^ self._key
+        return (_splitmix64(idx) % np.uint64(len(self.train) - self.block_size)).astype(np.int64)
+
+    def batch(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets for train windows ``start .. start+count-1``."""
+        rows = torch.from_numpy(self.train[self.offsets(start, count)[:, None] + self._arange].astype(np.int64))
+        return rows[:, :-1], rows[:, 1:]
+
+    def val_batches(self, batch_size: int, max_tokens: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Consecutive, non-overlapping validation windows covering the split (up to max_tokens)."""
+        T = self.block_size
+        n_windows = min((len(self.val) - 1) // T, max(1, max_tokens // T))
+        for first in range(0, n_windows, batch_size):
+            starts = np.arange(first, min(first + batch_size, n_windows)) * T
+            rows = torch.from_numpy(self.val[starts[:, None] + self._arange].astype(np.int64))
+            yield rows[:, :-1], rows[:, 1:]
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hived" / "tokens"
+
+
+def build_tokenizer(kind: str, docs: list[Document], vocab_size: int, min_frequency: int) -> Tokenizer:
+    """``kind`` is char, bpe, or the path of a tokenizer.json (made by `hived tokenize`)."""
+    if kind == "char":
+        return CharTokenizer.train(texts(docs))
+    if kind == "bpe":
+        validate(docs)  # errors from inside the BPE trainer's iterator would lose the file name
+        return BPETokenizer.train(texts(docs), vocab_size, min_frequency)
+    return load_tokenizer(kind)
+
+
+def prepare(cfg: TrainConfig, block_size: int, tok: Tokenizer | None = None) -> tuple[Tokenizer, TokenData, str]:
+    """Corpus → tokenizer (unless given) → cached tokens → splits; also returns the cache key."""
+    docs = discover(cfg.data)
+    if tok is None:
+        tok = build_tokenizer(cfg.tokenizer, docs, cfg.vocab_size, cfg.min_frequency)
+    path = encode_to_cache(docs, tok, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
+    name = docs[0].name if len(docs) == 1 else f"{len(docs)} files"
+    data = TokenData.from_file(path, tok.vocab_size, block_size, cfg.val_fraction, cfg.seed, name)
+    return tok, data, path.name.split(".")[0]
