@@ -1,0 +1,221 @@
+"""The `hived` command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from .config import ConfigError, ModelConfig, TrainConfig, load_preset, preset_names
+from .checkpoint import CheckpointError
+from .data import DataError, build_tokenizer, discover, texts
+from .tokenizer import TokenizerError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError)
+
+TRAIN_HELP = {
+    "preset": "model size: " + ", ".join(preset_names()),
+    "data": "text file or folder (its .txt/.md files); repeat for several; default: the built-in corpus",
+    "tokenizer": "char, bpe, or the path of a tokenizer.json made by `hived tokenize`",
+    "vocab_size": "BPE vocabulary size",
+    "min_frequency": "BPE: least frequency of a merged pair",
+    "val_fraction": "share of the corpus (its end) held out for validation",
+    "steps": "optimizer steps in total",
+    "batch_size": "sequences per micro-batch",
+    "grad_accum": "micro-batches per optimizer step",
+    "lr": "peak learning rate",
+    "min_lr_ratio": "final learning rate as a fraction of --lr",
+    "lr_schedule": "wsd (warmup-stable-decay), cosine or constant",
+    "warmup_steps": "steps of linear warmup",
+    "decay_fraction": "WSD: share of the steps spent decaying",
+    "weight_decay": "AdamW weight decay (matrices only)",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "grad_clip": "clip the gradient norm to this (0: no clipping)",
+    "eval_interval": "evaluate on the validation split every N steps",
+    "eval_tokens": "most validation tokens per evaluation",
+    "sample_interval": "print a text sample every N steps",
+    "sample_tokens": "length of those samples",
+    "checkpoint_interval": "write latest.pt every N steps",
+    "log_interval": "a progress line every N steps (when not on a terminal)",
+    "out": "run folder for checkpoints, metrics and tokenizer.json",
+    "resume": "continue the run in --out from its latest.pt",
+    "device": "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps",
+    "dtype": "auto, float32, bfloat16 or float16 (mixed precision on GPUs)",
+    "low_vram": "gradient checkpointing: less memory, about 30% slower",
+    "compile": "torch.compile the model (faster steps after a slow start)",
+    "seed": "random seed",
+    "cache_dir": "where encoded corpora are cached (default ~/.cache/hived/tokens)",
+}
+
+
+def train_options(fn):
+    """One click option per TrainConfig field. Defaults are None ("not given") so a --config
+    file and the preset can supply them; the dataclass holds the real defaults."""
+    for f in reversed(dataclasses.fields(TrainConfig)):
+        flag = "--" + f.name.replace("_", "-")
+        default = TrainConfig.__dataclass_fields__[f.name]
+        shown = default.default if default.default is not dataclasses.MISSING else None
+        help_text = TRAIN_HELP[f.name] + (f" [default: {shown}]" if shown not in (None, "", False) else "")
+        if f.type == "bool":
+            fn = click.option(f"{flag}/--no-{flag[2:]}", default=None, help=help_text)(fn)
+        elif f.name == "data":
+            fn = click.option(flag, multiple=True, type=click.Path(), help=help_text)(fn)
+        else:
+            fn = click.option(flag, type={"int": int, "float": float}.get(f.type, str), default=None,
+                              help=help_text)(fn)
+    return click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                        help="a TOML file with any of these options (flags override it)")(fn)
+
+
+def user_errors(fn):
+    """Turn the errors a user can fix into a one-line message and exit status 1."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as exc:
+            raise click.ClickException(str(exc)) from None
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="hived")
+def main() -> None:
+    """hived: train your own small GPT from scratch."""
+
+
+def stop_on_signals() -> threading.Event:
+    """Ctrl-C or SIGTERM asks the run to stop at the next step boundary (and save); a second
+    Ctrl-C stops at once."""
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+        click.echo("\nstopping after this step (Ctrl-C again to quit without saving)", err=True)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+@main.command()
+@train_options
+@user_errors
+def train(config_file: str | None, **flags) -> None:
+    """Train a GPT on your text (or the built-in corpus) on this machine."""
+    from .local import Diverged, resolve_run, train as run_training
+
+    flags["data"] = list(flags["data"]) or None
+    run, state = resolve_run(flags, config_file)
+    stop = stop_on_signals()
+    try:
+        run_training(run, state, stop=stop)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Diverged as exc:
+        raise click.ClickException(str(exc)) from None
+    if stop.is_set():
+        sys.exit(130)
+
+
+@main.command()
+@click.option("--data", multiple=True, type=click.Path(), help="text file or folder; repeat for several")
+@click.option("--vocab-size", type=int, default=4096, show_default=True)
+@click.option("--min-frequency", type=int, default=2, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default="tokenizer.json", show_default=True)
+@user_errors
+def tokenize(data: tuple[str, ...], vocab_size: int, min_frequency: int, out: str) -> None:
+    """Train a byte-level BPE tokenizer and save it as tokenizer.json."""
+    from .tokenizer import save
+
+    docs = discover(data)
+    tok = build_tokenizer("bpe", docs, vocab_size, min_frequency)
+    save(tok, out)
+    chars = tokens = 0
+    for text in texts(docs):
+        chars += len(text)
+        tokens += len(tok.encode(text))
+    click.echo(f"saved {out}: vocabulary {tok.vocab_size}, {len(docs)} file(s), "
+               f"{tokens:,} tokens, {chars / max(tokens, 1):.2f} characters per token")
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="a .pt file of a run")
+@click.option("--prompt", default="", help="text to continue")
+@click.option("--max-tokens", type=int, default=200, show_default=True)
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="0: greedy")
+@click.option("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="nucleus sampling")
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
+@click.option("--num-samples", type=int, default=1, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--device", default="auto", show_default=True)
+@user_errors
+def generate(checkpoint: str, prompt: str, num_samples: int, device: str, **params) -> None:
+    """Generate text from a trained checkpoint."""
+    from .generate import SamplingParams, generate as sample
+    from .inference import load_model
+
+    try:
+        sampling = SamplingParams(**params)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    model, tok = load_model(checkpoint, device)
+    unknown = tok.unknown(prompt)
+    if unknown:
+        click.echo(f"warning: the prompt has characters this model never saw: {''.join(sorted(unknown))!r}; "
+                   "they are read as an unknown token", err=True)
+    for i, text in enumerate(sample(model, tok, prompt, sampling, num_samples)):
+        if num_samples > 1:
+            click.echo(f"--- sample {i + 1} ---")
+        click.echo(prompt + text)
+
+
+@main.command()
+@click.option("--data", multiple=True, type=click.Path(),
+              help="corpus that sets char-level vocabularies (default: the built-in corpus)")
+@click.option("--tokenizer", default=None, help="char, bpe or a tokenizer.json (default: each preset's own)")
+@click.option("--vocab-size", type=int, default=None, help="BPE vocabulary size (default: each preset's own)")
+@user_errors
+def presets(data: tuple[str, ...], tokenizer: str | None, vocab_size: int | None) -> None:
+    """List the model presets with their true parameter counts."""
+    import torch
+
+    from .model import GPT
+    from .tokenizer import load
+
+    char_vocab = None
+    rows = []
+    for name in preset_names():
+        preset = load_preset(name)
+        kind = tokenizer or preset.get("tokenizer", {}).get("kind", "char")
+        if kind == "char":
+            if char_vocab is None:
+                char_vocab = build_tokenizer("char", discover(data), 0, 0).vocab_size
+            vocab = char_vocab
+        elif kind == "bpe":
+            vocab = vocab_size or preset.get("tokenizer", {}).get("vocab_size", TrainConfig.vocab_size)
+        else:
+            vocab = load(kind).vocab_size
+            kind = Path(kind).name
+        cfg = ModelConfig(**{**preset["model"], "vocab_size": vocab})
+        with torch.device("meta"):
+            params = GPT(cfg).num_params()
+        rows.append((name, f"{cfg.n_layer}/{cfg.n_head}/{cfg.n_embd}/{cfg.block_size}",
+                     f"{kind} {vocab}", f"{params:,}", f"{params / 1e6:.2f}M"))
+    header = ("preset", "layers/heads/width/context", "tokenizer", "parameters", "")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Loading a trained model for generation (the CLI now, the chat endpoint later)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import checkpoint
+from .config import ModelConfig, build
+from .device import pick_device
+from .model import GPT
+from .tokenizer import Tokenizer, from_json
+
+
+def load_model(path: str | Path, device: str = "auto") -> tuple[GPT, Tokenizer]:
+    state = checkpoint.load(path)
+    cfg = build(ModelConfig, state["model_config"], f"{path}")
+    tok = from_json(state["tokenizer"])
+    if tok.vocab_size != cfg.vocab_size:
+        raise checkpoint.CheckpointError(
+            f"{path}: its tokenizer has {tok.vocab_size} tokens but its model {cfg.vocab_size}; "
+            "the file was not written by hived or was altered"
+        )
+    model = GPT(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise checkpoint.CheckpointError(f"{path}: weights do not match its model config ({exc})"[:500]) from None
+    return model.to(pick_device(device)).eval(), tok

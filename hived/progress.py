@@ -1,0 +1,72 @@
+"""The live progress line: step, loss, tokens/s and ETA, for a terminal or for a log.
+
+On a terminal it is a tqdm bar; under systemd or in CI (no TTY) a bar would be noise, so a plain
+line is printed every ``log_interval`` steps instead. Evaluations and samples always get a line.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    def __init__(self, total_steps: int, start_step: int, log_interval: int, stream: TextIO | None = None):
+        self.stream = stream or sys.stderr
+        self.total = total_steps
+        self.log_interval = log_interval
+        self.bar = (tqdm(total=total_steps, initial=start_step, file=self.stream, unit="step",
+                         dynamic_ncols=True, smoothing=0.05)
+                    if self.stream.isatty() else None)
+        self.window_start = time.perf_counter()
+        self.window_tokens = 0
+        self.rate = 0.0  # tokens/s over the last log window
+        self.step_rate = 0.0  # steps/s, for the ETA
+
+    def _print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def __call__(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "step":
+            self._step(data)
+        elif kind == "eval":
+            self._print(f"step {data['step']}: val loss {data['val_loss']:.4f} "
+                        f"(ppl {data['val_ppl']:.2f}) after {_clock(data['train_time'])} of training")
+        elif kind == "sample":
+            self._print(f"--- sample at step {data['step']} ---\n{data['prompt']}{data['text']}\n---")
+        elif kind == "message":
+            self._print(data["text"])
+
+    def _step(self, data: dict[str, Any]) -> None:
+        step = data["step"]
+        self.window_tokens += data["tokens_per_sec"] * data["step_time"]
+        if self.bar is not None:
+            self.bar.update(1)
+        if step % self.log_interval and step != self.total:
+            return
+        now = time.perf_counter()
+        span = max(now - self.window_start, 1e-9)
+        self.rate = self.window_tokens / span
+        self.step_rate = self.log_interval / span
+        self.window_start, self.window_tokens = now, 0
+        eta = (self.total - step) / self.step_rate if self.step_rate else 0.0
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {data['loss']:.4f} | {self.rate / 1e3:.1f}k tok/s", refresh=False)
+        else:
+            self._print(f"step {step}/{self.total} | loss {data['loss']:.4f} | lr {data['lr']:.2e} | "
+                        f"{self.rate / 1e3:.1f}k tok/s | ETA {_clock(eta)}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,173 @@
+"""The trainer: one model, one optimizer, driven one step at a time.
+
+It knows nothing of files, sockets or Ray. The local loop, the hive peer and the Ray worker all
+call ``train_step``/``evaluate``/``sample`` and save ``state_dict()`` wherever they keep state; what
+happens is announced through ``Events`` so progress lines, metrics files and the dashboard can
+listen without the trainer knowing them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from .config import ModelConfig, TrainConfig
+from .data import TokenData
+from .device import autocast, pick_device, pick_dtype
+from .events import Events
+from .generate import SamplingParams, generate
+from .model import GPT
+from .tokenizer import Tokenizer
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, then constant, cosine, or WSD (warmup-stable-decay, linear to the floor)."""
+    floor = cfg.lr * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return floor + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - floor)
+    decay_start = max(cfg.warmup_steps, int(cfg.steps * (1 - cfg.decay_fraction)))
+    if step < decay_start:
+        return cfg.lr
+    progress = (step - decay_start) / max(1, cfg.steps - decay_start)
+    return floor + (1 - min(1.0, progress)) * (cfg.lr - floor)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: decaying gains and biases only hurts."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+class Trainer:
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData,
+                 tokenizer: Tokenizer, events: Events | None = None):
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.data = data
+        self.tokenizer = tokenizer
+        self.events = events or Events()
+        self.device = pick_device(cfg.device)
+        self.dtype = pick_dtype(self.device, cfg.dtype)
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(model_cfg).to(self.device)
+        self.model.grad_checkpointing = cfg.low_vram
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.step = 0  # optimizer steps taken
+        self.cursor = 0  # index of the next training window (the data position)
+        self.tokens_seen = 0
+        self.train_time = 0.0  # seconds spent in train_step, excluding eval and sampling
+        self.best_val = math.inf
+        self.skipped_steps = 0  # steps whose loss or gradient was not finite
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.model_cfg.block_size
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over ``grad_accum`` micro-batches read at the data cursor."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        lr = lr_at(cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for _ in range(cfg.grad_accum):
+            x, y = self.data.batch(self.cursor, cfg.batch_size)
+            self.cursor += cfg.batch_size
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with autocast(self.device, self.dtype):
+                _, loss = self.forward(x, y)
+            self.scaler.scale(loss / cfg.grad_accum).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        loss_value = total.item() / cfg.grad_accum
+        grad_norm = norm.item()
+        if math.isfinite(loss_value) and (math.isfinite(grad_norm) or self.scaler.is_enabled()):
+            self.scaler.step(self.optimizer)
+        else:
+            self.skipped_steps += 1  # never let one bad batch poison the weights
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        dt = time.perf_counter() - t0
+        self.train_time += dt
+        metrics = {
+            "step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+            "tokens": self.tokens_seen, "tokens_per_sec": self.tokens_per_step / dt, "step_time": dt, "train_time": self.train_time,
+            "skipped": self.skipped_steps,
+        }
+        self.events.emit("step", **metrics)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Mean loss over the validation split (all of it, up to ``eval_tokens``)."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for x, y in self.data.val_batches(4 * self.cfg.batch_size, self.cfg.eval_tokens):
+            x, y = x.to(self.device), y.to(self.device)
+            with autocast(self.device, self.dtype):
+                _, loss = self.model(x, y)
+            total += loss.item() * y.numel()
+            count += y.numel()
+        self.model.train()
+        val = total / count
+        improved = val < self.best_val
+        self.best_val = min(self.best_val, val)
+        metrics = {
+            "step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
+            "tokens": self.tokens_seen, "train_time": self.train_time, "improved": improved,
+        }
+        self.events.emit("eval", **metrics)
+        return metrics
+
+    def sample(self, prompt: str = "", max_tokens: int | None = None) -> str:
+        """A text sample; seeded by the step so it never disturbs the training RNG."""
+        params = SamplingParams(max_tokens=max_tokens or self.cfg.sample_tokens, temperature=0.8,
+                                top_k=40, seed=self.cfg.seed + self.step)
+        self.model.eval()
+        text = generate(self.model, self.tokenizer, prompt, params)[0]
+        self.model.train()
+        self.events.emit("sample", step=self.step, prompt=prompt, text=text)
+        return text
+
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step, "cursor": self.cursor, "tokens_seen": self.tokens_seen,
+            "train_time": self.train_time, "best_val": self.best_val,
+            "skipped_steps": self.skipped_steps, "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:  # empty when saved without fp16 loss scaling
+            self.scaler.load_state_dict(state["scaler"])
+        for name in ("step", "cursor", "tokens_seen", "train_time", "best_val", "skipped_steps"):
+            setattr(self, name, state[name])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
