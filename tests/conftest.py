@@ -1,0 +1,55 @@
+"""Shared fixtures: a small, deterministic corpus and a way to run the real `hived` command."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORDS = ("the night was dark and the sea was cold . a ship came to the quiet harbour , "
+         "and the old keeper lit his lamp ; she sang of stars and of rivers , of bread and of iron").split()
+
+
+def make_corpus(n_lines: int = 400, seed: int = 0) -> str:
+    """Text with real structure (a fixed vocabulary and punctuation) that a tiny model can learn."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 12))]
+        lines.append(" ".join(words).capitalize())
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(make_corpus(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """Environment for subprocesses: a private token cache, deterministic thread count."""
+    e = dict(os.environ)
+    e["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+# Small, fast settings for the 1m preset in tests.
+FAST = ["--batch-size", "4", "--eval-interval", "5", "--sample-interval", "5", "--sample-tokens", "20",
+        "--eval-tokens", "2048", "--warmup-steps", "2"]
+
+
+def hived(*args: str, env: dict[str, str], timeout: float = 120, cwd: Path | None = None,
+          check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real command line in a child process."""
+    proc = subprocess.run([sys.executable, "-m", "hived.cli", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hived {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc

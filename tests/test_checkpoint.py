@@ -1,0 +1,64 @@
+import os
+import pickle
+
+import pytest
+import torch
+
+from hived import checkpoint
+from hived.checkpoint import CheckpointError
+
+
+def test_roundtrip_and_no_temp_files_left(tmp_path):
+    path = tmp_path / "run" / "latest.pt"
+    checkpoint.save({"step": 3, "model": {"w": torch.ones(2)}}, path)
+    state = checkpoint.load(path)
+    assert state["step"] == 3 and torch.equal(state["model"]["w"], torch.ones(2))
+    assert os.listdir(path.parent) == ["latest.pt"]
+
+
+def test_truncated_checkpoint_gets_a_clear_error(tmp_path):
+    path = tmp_path / "latest.pt"
+    checkpoint.save({"step": 1, "model": {"w": torch.randn(1000)}}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt.*best.pt"):
+        checkpoint.load(path)
+
+
+def test_a_failed_write_leaves_the_old_file_intact(tmp_path):
+    path = tmp_path / "latest.pt"
+    checkpoint.save({"step": 1}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(Exception):
+        checkpoint.save({"step": 2, "bad": Boom()}, path)
+    assert checkpoint.load(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["latest.pt"]
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickled_objects_are_never_executed(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "hived-checkpoint", "version": 1, "x": Evil()}, path, pickle_protocol=2)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        checkpoint.load(path)
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(pickle.dumps({"format": "hived-checkpoint"}))
+    with pytest.raises(CheckpointError):
+        checkpoint.load(plain)
+
+
+def test_foreign_files_are_named(tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.ones(1)}, other)
+    with pytest.raises(CheckpointError, match="not a hived checkpoint"):
+        checkpoint.load(other)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint.load(tmp_path / "missing.pt")

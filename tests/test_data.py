@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+
+from hived.config import TrainConfig
+from hived.data import DataError, TokenData, builtin_text, discover, encode_to_cache, prepare, texts
+from hived.tokenizer import CharTokenizer
+
+
+def test_discover_finds_text_files_recursively_in_order(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "two.md").write_text("two\n")
+    (tmp_path / "one.txt").write_text("one\n")
+    (tmp_path / "skip.py").write_text("print()\n")
+    docs = discover([str(tmp_path)])
+    assert [d.path.name for d in docs] == ["two.md", "one.txt"]
+    assert "".join(texts(docs)) == "two\none\n"
+
+
+def test_builtin_corpus_needs_no_files():
+    docs = discover([])
+    assert docs[0].path is None
+    text = "".join(texts(docs))
+    assert len(text) > 100_000 and text == builtin_text()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    (b"  \n\n ", "is empty"),
+    (b"text\x00\x01\x02binary", "looks binary"),
+    ("caf\u00e9 latin-1".encode("latin-1"), "is not UTF-8 text"),
+])
+def test_bad_files_get_an_error_naming_the_file(tmp_path, content, message):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    with pytest.raises(DataError, match=message) as err:
+        list(texts(discover([str(bad)])))
+    assert str(bad) in str(err.value)
+
+
+def test_missing_paths_and_empty_folders(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        discover([str(tmp_path / "nope.txt")])
+    with pytest.raises(DataError, match="no .txt or .md"):
+        discover([str(tmp_path)])
+
+
+def test_chunks_end_on_lines_and_survive_split_characters(tmp_path):
+    path = tmp_path / "long.txt"
+    text = "".join(f"line {i} ünïcödé ✓\n" for i in range(5000))
+    path.write_text(text, encoding="utf-8")
+    from hived.data import read_chunks
+    chunks = list(read_chunks(path, chunk_bytes=1000))  # forces splits inside multi-byte characters
+    assert "".join(chunks) == text
+    assert len(chunks) > 10 and all(c.endswith("\n") for c in chunks)
+
+
+def test_cache_is_reused_and_memory_mapped(tmp_path, corpus):
+    docs = discover([str(corpus)])
+    tok = CharTokenizer.train(texts(docs))
+    first = encode_to_cache(docs, tok, tmp_path / "cache")
+    mtime = first.stat().st_mtime_ns
+    again = encode_to_cache(docs, tok, tmp_path / "cache")
+    assert again == first and again.stat().st_mtime_ns == mtime
+    assert first.name.endswith(".uint16.bin")
+    tokens = np.fromfile(first, dtype=np.uint16)
+    assert tok.decode(tokens.tolist()) == corpus.read_text()
+    corpus.write_text(corpus.read_text() + "more text\n")  # a changed corpus gets a new cache entry
+    assert encode_to_cache(docs, tok, tmp_path / "cache") != first
+
+
+def test_windows_are_deterministic_disjoint_by_index_and_in_range():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    data = TokenData(tokens, block_size=16, val_fraction=0.1, seed=3)
+    x, y = data.batch(100, 8)
+    x2, _ = data.batch(100, 8)
+    assert x.equal(x2)  # the same window indices give the same windows: resume is exact
+    assert (y[:, :-1] == x[:, 1:]).all()  # targets are the next tokens
+    off = data.offsets(0, 50_000)
+    assert off.min() >= 0 and off.max() <= len(data.train) - 17
+    assert len(np.unique(off)) > 8000  # spread over the whole split
+    other = TokenData(tokens, 16, 0.1, seed=4).offsets(0, 100)
+    assert not np.array_equal(other, off[:100])
+
+
+def test_validation_covers_the_whole_split_once():
+    tokens = np.arange(2_000, dtype=np.uint16)
+    data = TokenData(tokens, block_size=10, val_fraction=0.25, seed=0)
+    rows = [x for x, _ in data.val_batches(batch_size=7, max_tokens=10**9)]
+    seen = np.concatenate([r.numpy().ravel() for r in rows])
+    assert seen.min() == 1500 and len(seen) == len(np.unique(seen)) == (len(data.val) - 1) // 10 * 10
+
+
+def test_too_small_a_corpus_says_what_to_do(tmp_path):
+    (tmp_path / "tiny.txt").write_text("just a few words\n")
+    cfg = TrainConfig(data=[str(tmp_path / "tiny.txt")], cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataError, match="too few for a context of 64"):
+        prepare(cfg, block_size=64)

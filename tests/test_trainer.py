@@ -1,0 +1,90 @@
+import math
+
+import numpy as np
+import torch
+
+from hived.config import ModelConfig, TrainConfig
+from hived.data import TokenData
+from hived.events import Events
+from hived.tokenizer import CharTokenizer
+from hived.trainer import Trainer, lr_at
+
+from conftest import make_corpus
+
+
+def make_trainer(**train) -> Trainer:
+    text = make_corpus()
+    tok = CharTokenizer.train([text])
+    data = TokenData(tok.encode(text).astype(np.uint16), block_size=32, val_fraction=0.1, seed=0)
+    cfg = TrainConfig(**{**dict(batch_size=8, steps=60, lr=3e-3, warmup_steps=5, eval_tokens=4096), **train})
+    mc = ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    return Trainer(mc, cfg, data, tok, Events())
+
+
+def test_schedules():
+    wsd = TrainConfig(steps=100, lr=1.0, warmup_steps=10, lr_schedule="wsd", decay_fraction=0.2)
+    assert lr_at(wsd, 0) == 0.1 and lr_at(wsd, 9) == 1.0
+    assert lr_at(wsd, 50) == 1.0 and lr_at(wsd, 79) == 1.0
+    assert 0 < lr_at(wsd, 90) < 1.0 and lr_at(wsd, 100) == 0.0
+    cos = TrainConfig(steps=100, lr=1.0, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert math.isclose(lr_at(cos, 55), 0.55) and math.isclose(lr_at(cos, 100), 0.1)
+
+
+def test_training_lowers_validation_loss_and_publishes_events():
+    trainer = make_trainer()
+    seen: list[str] = []
+    trainer.events.subscribe(lambda kind, data: seen.append(kind))
+    before = trainer.evaluate()["val_loss"]
+    for _ in range(60):
+        m = trainer.train_step()
+    after = trainer.evaluate()["val_loss"]
+    assert after < before - 1.0
+    assert m["step"] == 60 and m["tokens"] == 60 * 8 * 32 and m["tokens_per_sec"] > 0
+    assert seen.count("step") == 60 and seen.count("eval") == 2
+    text = trainer.sample(max_tokens=30)
+    assert len(text) == 30 and seen[-1] == "sample"
+
+
+def test_grad_accumulation_matches_one_large_batch():
+    a = make_trainer(batch_size=8, grad_accum=1, steps=10)
+    b = make_trainer(batch_size=4, grad_accum=2, steps=10)
+    a.train_step()
+    b.train_step()  # reads the same 8 windows as two micro-batches of 4
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_a_nan_step_is_skipped_and_leaves_the_weights_untouched():
+    trainer = make_trainer()
+    trainer.train_step()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    hook = trainer.model.wte.register_forward_hook(lambda m, i, o: o * float("nan"))
+    m = trainer.train_step()
+    hook.remove()
+    assert math.isnan(m["loss"]) and trainer.skipped_steps == 1
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert math.isfinite(trainer.train_step()["loss"])  # and training goes on
+
+
+def test_device_auto_selection_and_a_clear_error_for_a_missing_gpu():
+    import pytest
+
+    from hived.device import pick_device, pick_dtype
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available() and torch.backends.mps.is_available():
+        expected = "mps"
+    assert pick_device("auto").type == expected
+    assert pick_dtype(torch.device("cpu")) == torch.float32
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cpu"):
+            pick_device("cuda")
+
+
+def test_compiled_model_trains_like_the_eager_one():
+    eager = make_trainer(steps=3)
+    compiled = make_trainer(steps=3, compile=True)
+    for _ in range(2):
+        a, b = eager.train_step(), compiled.train_step()
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4)
