@@ -1,0 +1,149 @@
+"""Time to validation loss, char-level on tinyshakespeare: hived's recipe against the reference.
+
+The reference recipe is the well-known minimal GPT's CPU baseline (4 layers, 4 heads, width 128,
+context 64, learned positions, LayerNorm, GELU, batch 12, lr 1e-3 cosine to 1e-4 over 2000
+iterations, 100 warmup steps), run on hived's own model code with those options, in the same
+process, so the two are compared as ratios on the same (shared, noisy) machine.
+
+Training time excludes evaluation; every evaluation covers the whole validation split
+(the last 10% of the file). Usage:
+
+    python bench/shakespeare.py [--data ../shared/data/tinyshakespeare.txt] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hived.config import ModelConfig, TrainConfig
+from hived.data import prepare
+from hived.trainer import Trainer
+
+REFERENCE = dict(
+    model=dict(pos="learned", norm="layernorm", mlp="gelu", tie_embeddings=True),
+    train=dict(batch_size=12, lr=1e-3, lr_schedule="cosine", min_lr_ratio=0.1, warmup_steps=100,
+               steps=2000, beta2=0.99, weight_decay=0.1),
+)
+HIVED = dict(model={}, train=dict(steps=1000))  # `hived train --preset 1m --steps 1000`, as shipped
+SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64)
+
+
+def run(name: str, recipe: dict, data_path: str, eval_every: int, thresholds: list[float]) -> dict:
+    """Train one recipe; return its eval curve, the time to each threshold and its tokens/s."""
+    with tempfile.TemporaryDirectory() as cache:
+        base = TrainConfig(data=[data_path], tokenizer="char", val_fraction=0.1, cache_dir=cache,
+                           eval_tokens=1 << 30)
+        from hived.config import load_preset
+        preset_train = load_preset("1m").get("train", {})
+        cfg = dataclasses.replace(base, **{**preset_train, **recipe["train"]})
+        tok, data, _ = prepare(cfg, SHAPE["block_size"])
+        model_cfg = ModelConfig(**{**SHAPE, **recipe["model"], "vocab_size": tok.vocab_size})
+        trainer = Trainer(model_cfg, cfg, data, tok)
+        curve = []
+        wall = time.perf_counter()
+        while trainer.step < cfg.steps:
+            trainer.train_step()
+            if trainer.step % eval_every == 0 or trainer.step == cfg.steps:
+                ev = trainer.evaluate()
+                curve.append((trainer.step, round(trainer.train_time, 2), round(ev["val_loss"], 4)))
+                print(f"  {name}: step {trainer.step:5d}  {trainer.train_time:6.1f} s  val {ev['val_loss']:.4f}"
+                      f"  (wall {time.perf_counter() - wall:.0f} s)", flush=True)
+    reached = {str(t): next((s for _, s, v in curve if v <= t), None) for t in thresholds}
+    return {
+        "name": name, "params": trainer.model.num_params(), "curve": curve,
+        "final_val": curve[-1][2], "train_time": round(trainer.train_time, 2),
+        "tokens_per_sec": round(trainer.tokens_seen / trainer.train_time),
+        "time_to": reached,
+    }
+
+
+def throughput(data_path: str, rounds: int, steps: int = 150) -> None:
+    """Tokens/s on the reference shape (batch 12): hived's trainer with the reference's
+    architecture, and with its own defaults, interleaved round by round."""
+    variants = {"reference architecture": REFERENCE["model"], "hived defaults": {}}
+    ratios = []
+    with tempfile.TemporaryDirectory() as cache:
+        cfg = TrainConfig(data=[data_path], cache_dir=cache, batch_size=12, lr=1e-3, steps=10**6)
+        tok, data, _ = prepare(cfg, SHAPE["block_size"])
+        for r in range(rounds):
+            tps = {}
+            for name, model in variants.items():
+                trainer = Trainer(ModelConfig(**{**SHAPE, **model, "vocab_size": tok.vocab_size}), cfg, data, tok)
+                for _ in range(20):
+                    trainer.train_step()
+                t0, start = trainer.train_time, trainer.tokens_seen
+                for _ in range(steps):
+                    trainer.train_step()
+                tps[name] = (trainer.tokens_seen - start) / (trainer.train_time - t0)
+            ratios.append(tps["hived defaults"] / tps["reference architecture"])
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in tps.items())
+                  + f"; defaults/reference {ratios[-1]:.2f}x", flush=True)
+    print(f"median defaults/reference tokens/s at batch 12: {statistics.median(ratios):.2f}x")
+
+
+def main() -> None:
+    here = Path(__file__).resolve().parent
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(here.parent.parent / "shared/data/tinyshakespeare.txt"))
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--only", choices=("hived", "reference"), default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a hived recipe option (model or train), e.g. --set lr=0.004")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--throughput", action="store_true", help="only compare tokens/s on the reference shape")
+    args = p.parse_args()
+    if not Path(args.data).is_file():
+        raise SystemExit(f"no corpus at {args.data}; pass --data PATH to tinyshakespeare.txt")
+    if args.throughput:
+        return throughput(args.data, max(args.repeats, 3))
+    hived = {"model": dict(HIVED["model"]), "train": dict(HIVED["train"])}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        value = json.loads(value) if value[:1].isdigit() or value in ("true", "false") or value[:1] == "-" else value
+        hived["model" if key in model_fields else "train"][key] = value
+    thresholds = [2.0, 1.9, 1.88, 1.85]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; thresholds {thresholds}")
+    recipes = [("reference", REFERENCE), ("hived", hived)]
+    results: dict[str, list[dict]] = {"reference": [], "hived": []}
+    for r in range(args.repeats):
+        for name, recipe in recipes:  # interleaved, so both see the same machine conditions
+            if args.only in (None, name):
+                print(f"repeat {r + 1}/{args.repeats}: {name} {recipe}", flush=True)
+                results[name].append(run(name, recipe, args.data, args.eval_every, thresholds))
+    print("\nsummary (medians over repeats)")
+    for name, rs in results.items():
+        if not rs:
+            continue
+        med = lambda key: statistics.median(x[key] for x in rs)  # noqa: E731
+        times = {t: [x["time_to"][str(t)] for x in rs] for t in thresholds}
+        reach = "  ".join(
+            f"≤{t}: {statistics.median(v):.1f}s" if all(x is not None for x in v) else f"≤{t}: never"
+            for t, v in times.items()
+        )
+        print(f"{name:10s} params {rs[0]['params']:,}  final val {med('final_val'):.4f}  "
+              f"train {med('train_time'):.1f}s  {med('tokens_per_sec'):,.0f} tok/s  {reach}")
+    if results["reference"] and results["hived"]:
+        ref_t = statistics.median(x["train_time"] for x in results["reference"])
+        ref_tps = statistics.median(x["tokens_per_sec"] for x in results["reference"])
+        hv = results["hived"]
+        t188 = [x["time_to"]["1.88"] for x in hv]
+        if all(t is not None for t in t188):
+            print(f"hived reaches val ≤ 1.88 in {statistics.median(t188) / ref_t:.2f}x the reference's "
+                  f"full training time (the target, 30 s against 56 s, is 0.54x)")
+        print(f"hived tokens/s = {statistics.median(x['tokens_per_sec'] for x in hv) / ref_tps:.2f}x reference")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
