@@ -217,5 +217,138 @@ def presets(data: tuple[str, ...], tokenizer: str | None, vocab_size: int | None
         click.echo("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
 
 
+def _logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+STATE_DIR = click.option("--state-dir", type=click.Path(file_okay=False), required=True, envvar="HIVED_STATE_DIR",
+                         help="the coordinator's state folder (keys, checkpoint) [env HIVED_STATE_DIR]")
+
+
+@main.command()
+@click.option("--role", type=click.Choice(["coordinator"]), default="coordinator", show_default=True)
+@STATE_DIR
+@click.option("--host", default="127.0.0.1", show_default=True, help="0.0.0.0 listens on every interface")
+@click.option("--port", type=int, default=8765, show_default=True)
+@click.option("--mode", type=click.Choice(["diloco", "sync"]), default="diloco", show_default=True)
+@click.option("--inner-steps", type=int, default=50, show_default=True, help="diloco: peer steps per round")
+@click.option("--compression", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp16",
+              show_default=True)
+@click.option("--outer-lr", type=float, default=0.7, show_default=True)
+@click.option("--outer-momentum", type=float, default=0.9, show_default=True)
+@click.option("--round-timeout", type=float, default=120.0, show_default=True, help="seconds")
+@click.option("--min-peers", type=int, default=1, show_default=True)
+@click.option("--rounds", type=int, default=0, help="stop after this many rounds (0: never)")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), help="serve wss:// with this certificate")
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True))
+@train_options
+@user_errors
+def serve(role: str, state_dir: str, host: str, port: int, tls_cert: str | None, tls_key: str | None,
+          config_file: str | None, mode: str, inner_steps: int, compression: str, outer_lr: float,
+          outer_momentum: float, round_timeout: float, min_peers: int, rounds: int, **flags) -> None:
+    """Run the daemon: a hive coordinator that peers join with `hived join`."""
+    import ssl
+
+    from aiohttp import web
+
+    from .config import resolve
+    from .hive.coordinator import Coordinator, HiveConfig, make_app
+
+    _logging()
+    flags["data"] = list(flags["data"]) or None
+    if flags["checkpoint_interval"] is None:
+        flags["checkpoint_interval"] = 10  # rounds, for a coordinator
+    run = resolve(flags, config_file)
+    hive = HiveConfig(mode=mode, inner_steps=inner_steps, compression=compression, outer_lr=outer_lr,
+                      outer_momentum=outer_momentum, round_timeout=round_timeout, min_peers=min_peers, rounds=rounds)
+    coordinator = Coordinator(run, hive, Path(state_dir))
+    context = None
+    if tls_cert:
+        if not tls_key:
+            raise click.UsageError("--tls-cert needs --tls-key")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(tls_cert, tls_key)
+    scheme = "wss" if context else "ws"
+    click.echo(f"hived coordinator on {scheme}://{host}:{port} (peers: hived join {scheme}://{host}:{port} "
+               f"--key KEY); status at http{'s' if context else ''}://{host}:{port}/api/status", err=True)
+    web.run_app(make_app(coordinator), host=host, port=port, ssl_context=context, print=None, access_log=None)
+
+
+@main.command()
+@click.argument("url")
+@click.option("--key", envvar="HIVED_KEY", help="your key [env HIVED_KEY]; --key-file keeps it out of `ps`")
+@click.option("--key-file", type=click.File("r"), help="read the key from this file")
+@click.option("--name", default=None, help="how the coordinator lists you (default: this host's name)")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--max-rounds", type=int, default=0, help="leave cleanly after N rounds (0: never)")
+def join(url: str, key: str | None, key_file, name: str | None, device: str, max_rounds: int) -> None:
+    """Join a hive: train the coordinator's model with this machine."""
+    import asyncio
+    import platform
+
+    from .hive.peer import Peer, PeerOptions
+
+    _logging()
+    if key_file:
+        key = key_file.read().strip()
+    if not key:
+        raise click.UsageError("a key is needed: --key, --key-file or HIVED_KEY")
+    if not url.startswith(("ws://", "wss://")):
+        raise click.BadParameter("the coordinator's URL starts with ws:// or wss://", param_hint="URL")
+    peer = Peer(PeerOptions(url, key, name or platform.node() or "peer", device, max_rounds))
+    try:
+        sys.exit(asyncio.run(peer.run()))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+@main.group()
+def keys() -> None:
+    """Manage the keys that let peers join this coordinator."""
+
+
+@keys.command("add")
+@click.argument("name")
+@STATE_DIR
+def keys_add(name: str, state_dir: str) -> None:
+    """Create a key; it is printed once, alone on the last line, and stored only hashed."""
+    from .hive.keys import KeyStore, KeyStoreError
+
+    try:
+        key = KeyStore(state_dir).add(name)
+    except KeyStoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"key {name!r} created; it is shown only this once:", err=True)
+    click.echo(key)
+
+
+@keys.command("list")
+@STATE_DIR
+def keys_list(state_dir: str) -> None:
+    """List key names (the keys themselves are not stored)."""
+    import time
+
+    from .hive.keys import KeyStore
+
+    for name, info in KeyStore(state_dir).names().items():
+        click.echo(f"{name}\tcreated {time.strftime('%Y-%m-%d %H:%M', time.localtime(info['created']))}")
+
+
+@keys.command("revoke")
+@click.argument("name")
+@STATE_DIR
+def keys_revoke(name: str, state_dir: str) -> None:
+    """Revoke a key: peers using it are refused from their next connection."""
+    from .hive.keys import KeyStore, KeyStoreError
+
+    try:
+        KeyStore(state_dir).revoke(name)
+    except KeyStoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"revoked {name!r}")
+
+
 if __name__ == "__main__":
     main()

@@ -238,3 +238,17 @@ def prepare(cfg: TrainConfig, block_size: int, tok: Tokenizer | None = None) -> 
     name = docs[0].name if len(docs) == 1 else f"{len(docs)} files"
     data = TokenData.from_file(path, tok.vocab_size, block_size, cfg.val_fraction, cfg.seed, name)
     return tok, data, path.name.split(".")[0]
+
+
+class Windows:
+    """Token windows sent by a hive coordinator, served through TokenData's ``batch`` interface
+    so the same Trainer runs on them: a peer needs no corpus of its own."""
+
+    def __init__(self, rows: np.ndarray, start: int):
+        self.rows = rows
+        self.start = start
+
+    def batch(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = (start - self.start + np.arange(count)) % len(self.rows)
+        rows = torch.from_numpy(self.rows[idx].astype(np.int64))
+        return rows[:, :-1], rows[:, 1:]

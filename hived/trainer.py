@@ -78,13 +78,10 @@ class Trainer:
     def tokens_per_step(self) -> int:
         return self.cfg.batch_size * self.cfg.grad_accum * self.model_cfg.block_size
 
-    def train_step(self) -> dict[str, Any]:
-        """One optimizer step over ``grad_accum`` micro-batches read at the data cursor."""
+    def _backward(self) -> torch.Tensor:
+        """Forward and backward over ``grad_accum`` micro-batches read at the data cursor;
+        leaves unscaled gradients in ``.grad`` and returns the mean loss (a tensor, unsynced)."""
         cfg = self.cfg
-        t0 = time.perf_counter()
-        lr = lr_at(cfg, self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         total = torch.zeros((), device=self.device)
         for _ in range(cfg.grad_accum):
             x, y = self.data.batch(self.cursor, cfg.batch_size)
@@ -95,8 +92,26 @@ class Trainer:
             self.scaler.scale(loss / cfg.grad_accum).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
+        return total / cfg.grad_accum
+
+    def gradients(self) -> tuple[dict[str, torch.Tensor], float]:
+        """One step's gradients without applying them (the hive's sync mode averages them)."""
+        loss = self._backward().item()
+        grads = {name: p.grad.detach().clone() for name, p in self.model.named_parameters()}
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.update()
+        self.tokens_seen += self.tokens_per_step
+        return grads, loss
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over ``grad_accum`` micro-batches read at the data cursor."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        lr = lr_at(cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_value = self._backward().item()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
-        loss_value = total.item() / cfg.grad_accum
         grad_norm = norm.item()
         if math.isfinite(loss_value) and (math.isfinite(grad_norm) or self.scaler.is_enabled()):
             self.scaler.step(self.optimizer)
@@ -110,8 +125,8 @@ class Trainer:
         self.train_time += dt
         metrics = {
             "step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-            "tokens": self.tokens_seen, "tokens_per_sec": self.tokens_per_step / dt, "step_time": dt, "train_time": self.train_time,
-            "skipped": self.skipped_steps,
+            "tokens": self.tokens_seen, "tokens_per_sec": self.tokens_per_step / dt, "step_time": dt,
+            "train_time": self.train_time, "skipped": self.skipped_steps,
         }
         self.events.emit("step", **metrics)
         return metrics

@@ -1,0 +1,91 @@
+"""Combining peers' updates: the aggregation strategy and the guard in front of it.
+
+Kept apart from the transport so strategies can be swapped and tested on tensors alone. The
+aggregator keeps a running weighted sum, so the coordinator's memory grows with the model, not
+with the number of peers.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from typing import Protocol
+
+import torch
+
+Tensors = dict[str, torch.Tensor]
+
+
+class Aggregator(Protocol):
+    def add(self, update: Tensors, weight: float) -> None: ...
+    def result(self) -> Tensors | None: ...
+    @property
+    def count(self) -> int: ...
+
+
+class WeightedMean:
+    """Mean of updates weighted by the tokens behind each (a peer that did more counts more)."""
+
+    def __init__(self) -> None:
+        self.sum: Tensors | None = None
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, update: Tensors, weight: float) -> None:
+        if self.sum is None:
+            self.sum = {k: v.float() * weight for k, v in update.items()}
+        else:
+            for k, v in update.items():
+                self.sum[k].add_(v.float(), alpha=weight)
+        self.total += weight
+        self.count += 1
+
+    def result(self) -> Tensors | None:
+        if self.sum is None or self.total <= 0:
+            return None
+        return {k: v / self.total for k, v in self.sum.items()}
+
+
+class UpdateGuard:
+    """Refuses updates that would harm the model; clips outsized ones.
+
+    Rejected: wrong tensor names or shapes, NaN/Inf, or a norm above ``max_ratio`` times the
+    model's own norm (no honest update moves every weight by more than the weights themselves;
+    this catches a huge update even in the first round, before there is any history). Clipped:
+    a norm above ``clip_factor`` times the median norm of recently accepted updates.
+    """
+
+    def __init__(self, shapes: dict[str, torch.Size], max_ratio: float = 1.0, clip_factor: float = 5.0,
+                 history: int = 64):
+        self.shapes = shapes
+        self.max_ratio = max_ratio
+        self.clip_factor = clip_factor
+        self.norms: deque[float] = deque(maxlen=history)
+
+    def check(self, update: Tensors, model_norm: float) -> tuple[Tensors | None, str, str]:
+        """(update to use or None, status accepted|clipped|rejected, detail)."""
+        if set(update) != set(self.shapes):
+            return None, "rejected", "wrong set of tensors"
+        for name, t in update.items():
+            if t.shape != self.shapes[name]:
+                return None, "rejected", f"{name} has shape {tuple(t.shape)}, expected {tuple(self.shapes[name])}"
+        sq = sum(float(t.float().pow(2).sum()) for t in update.values())
+        norm = math.sqrt(sq) if math.isfinite(sq) else math.inf
+        if not math.isfinite(norm) or not all(torch.isfinite(t).all() for t in update.values()):
+            return None, "rejected", "NaN or Inf values"
+        if norm > self.max_ratio * model_norm:
+            return None, "rejected", f"norm {norm:.3g} exceeds {self.max_ratio:g}x the model's norm {model_norm:.3g}"
+        if len(self.norms) >= 3:
+            limit = self.clip_factor * statistics.median(self.norms)
+            if norm > limit:
+                scale = limit / norm
+                self.norms.append(limit)
+                return ({k: v * scale for k, v in update.items()}, "clipped",
+                        f"norm {norm:.3g} clipped to {limit:.3g} ({self.clip_factor:g}x the median)")
+        self.norms.append(norm)
+        return update, "accepted", ""
+
+
+def model_norm(params: Tensors) -> float:
+    return math.sqrt(sum(float(p.detach().float().pow(2).sum()) for p in params.values()))

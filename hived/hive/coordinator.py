@@ -1,0 +1,444 @@
+"""The hive coordinator: one model, trained by whoever joins.
+
+Each round it sends every ready peer the current weights and a disjoint range of token windows,
+collects their updates (pseudo-gradients in ``diloco`` mode, gradients in ``sync``), checks them,
+adds them to a running weighted mean, applies one outer optimizer step and evaluates on its
+held-out split. A round closes when every peer of the round has reported or left, or at the
+round timeout once ``min_peers`` have reported: a vanished peer costs at most one timeout.
+
+It runs inside the aiohttp daemon (``hived serve --role coordinator``): the peer WebSocket is
+``/ws/peer`` and the status is ``GET /api/status`` on the same port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import secrets
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from aiohttp import WSMsgType, web
+
+from .. import checkpoint
+from ..config import RunConfig
+from ..events import Events
+from ..local import build_trainer
+from ..protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Ack, Bye, Hello, ProtocolError, Refused, Update, Weights,
+                        Welcome, Work, clean_text, decode, encode, pack, split, unpack)
+from ..trainer import lr_at, make_optimizer
+from .aggregation import UpdateGuard, WeightedMean, model_norm
+from .keys import KeyStore
+
+log = logging.getLogger("hived.coordinator")
+STATE_FILE = "coordinator.pt"
+
+
+@dataclass
+class HiveConfig:
+    mode: str = "diloco"  # diloco | sync
+    inner_steps: int = 50
+    compression: str = "fp16"
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    round_timeout: float = 120.0
+    min_peers: int = 1
+    rounds: int = 0  # 0: until stopped
+    max_update_ratio: float = 1.0
+    clip_factor: float = 5.0
+    max_strikes: int = 3
+
+
+@dataclass
+class Peer:
+    id: str
+    name: str
+    key_name: str
+    device: str
+    address: str
+    ws: web.WebSocketResponse
+    state: str = "joined"  # joined | working | idle
+    joined: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+    rounds: int = 0
+    tokens: int = 0
+    strikes: int = 0
+    tokens_per_sec: float = 0.0
+    parts: dict[int, dict] = field(default_factory=dict)
+    sent_at: float = 0.0
+
+
+@dataclass
+class Round:
+    number: int
+    expected: set[str]
+    assigned: dict[str, int]  # peer id → tokens of work
+    started: float = field(default_factory=time.time)
+    reported: set[str] = field(default_factory=set)
+    agg: WeightedMean = field(default_factory=WeightedMean)
+    losses: list[tuple[float, int]] = field(default_factory=list)
+    accepted: int = 0
+    clipped: int = 0
+    rejected: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class FailedAttempts:
+    """Per-address rate limit on failed authentications."""
+
+    def __init__(self, limit: int = 5, window: float = 60.0):
+        self.limit, self.window = limit, window
+        self.failures: dict[str, deque[float]] = defaultdict(deque)
+
+    def blocked(self, address: str) -> float:
+        """Seconds until ``address`` may try again (0: now)."""
+        times = self.failures[address]
+        while times and times[0] < time.time() - self.window:
+            times.popleft()
+        return times[0] + self.window - time.time() if len(times) >= self.limit else 0.0
+
+    def fail(self, address: str) -> None:
+        self.failures[address].append(time.time())
+
+
+class Coordinator:
+    def __init__(self, run: RunConfig, hive: HiveConfig, state_dir: Path, events: Events | None = None):
+        self.run = run
+        self.hive = hive
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.events = events or Events()
+        self.keys = KeyStore(self.state_dir)
+        self.limiter = FailedAttempts()
+        state = self._load_state()
+        self.trainer, self.data_key = build_trainer(run, None, self.events)
+        self.model = self.trainer.model
+        self.params = dict(self.model.named_parameters())
+        self.guard = UpdateGuard({k: p.shape for k, p in self.params.items()}, hive.max_update_ratio, hive.clip_factor)
+        if hive.mode == "diloco":
+            self.outer = torch.optim.SGD(self.model.parameters(), lr=hive.outer_lr, momentum=hive.outer_momentum,
+                                         nesterov=True)
+        else:
+            self.outer = make_optimizer(self.model, run.train, self.trainer.device)
+        self.round = 0
+        self.cursor = 0  # next training window to hand out
+        self.tokens = 0
+        self.ledger: dict[str, dict[str, int]] = {}
+        self.history: list[dict[str, Any]] = []
+        self.late = 0
+        self.rejected = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.peers: dict[str, Peer] = {}
+        self.current: Round | None = None
+        self.changed = asyncio.Event()
+        self.started = time.time()
+        if state:
+            self._restore(state)
+
+    # ----------------------------------------------------------------- durability
+
+    def _load_state(self) -> dict | None:
+        path = self.state_dir / STATE_FILE
+        if not path.exists():
+            return None
+        state = checkpoint.load(path)
+        saved = state["model_config"]
+        wanted = {k: v for k, v in self.run.model.items()}
+        if any(saved.get(k) != v for k, v in wanted.items()):
+            raise checkpoint.CheckpointError(
+                f"{path} holds a hive with another model ({saved}); use another --state-dir or the same preset"
+            )
+        return state
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.outer.load_state_dict(state["outer"])
+        self.round, self.cursor, self.tokens = state["round"], state["cursor"], state["tokens"]
+        self.ledger = state["ledger"]
+        self.history = state["history"]
+        self.guard.norms.extend(state["norms"])
+        log.info("resumed the hive at round %d from %s", self.round, self.state_dir / STATE_FILE)
+
+    def save(self) -> None:
+        checkpoint.save({
+            "model": self.model.state_dict(), "outer": self.outer.state_dict(),
+            "round": self.round, "cursor": self.cursor, "tokens": self.tokens,
+            "ledger": self.ledger, "history": self.history, "norms": list(self.guard.norms),
+            "model_config": dataclasses.asdict(self.trainer.model_cfg),
+            "train_config": dataclasses.asdict(self.run.train), "hive_config": dataclasses.asdict(self.hive),
+            "tokenizer": self.trainer.tokenizer.to_json(), "data_key": self.data_key,
+        }, self.state_dir / STATE_FILE)
+
+    # ----------------------------------------------------------------- rounds
+
+    def _peer_train_config(self) -> dict:
+        """The trainer settings peers run: the inner learning rate stays constant after warmup,
+        because a peer cannot know how long the hive will run."""
+        cfg = dataclasses.asdict(self.run.train)
+        cfg.update(lr_schedule="constant", data=[], out="", resume=False, device="auto", cache_dir="",
+                   compile=False)
+        return cfg
+
+    def _work(self, rnd: int, count: int) -> Work:
+        data = self.trainer.data
+        rows = data.train[data.offsets(self.cursor, count)[:, None] + np.arange(data.block_size + 1)]
+        work = Work(round=rnd, start=self.cursor, count=count, dtype=rows.dtype.name, windows=rows.tobytes(),
+                    steps=self.hive.inner_steps if self.hive.mode == "diloco" else 1)
+        self.cursor += count
+        return work
+
+    async def run_rounds(self) -> None:
+        loop = asyncio.get_running_loop()
+        evaluation: asyncio.Future | None = None
+        while self.hive.rounds == 0 or self.round < self.hive.rounds:
+            ready = [p for p in self.peers.values() if not p.ws.closed]
+            if len(ready) < max(1, self.hive.min_peers):
+                self.changed.clear()
+                await self.changed.wait()
+                continue
+            rnd = await self._run_round(ready)
+            if evaluation is not None:
+                await evaluation
+            if rnd.accepted == 0:
+                continue  # nothing usable arrived: the same round number is tried again
+            self._apply(rnd)
+            evaluation = loop.run_in_executor(None, self._evaluate_and_save, rnd)
+        if evaluation is not None:
+            await evaluation
+
+    async def _run_round(self, peers: list[Peer]) -> Round:
+        cfg = self.run.train
+        per_peer = cfg.batch_size * cfg.grad_accum * (self.hive.inner_steps if self.hive.mode == "diloco" else 1)
+        weights = {k: pack(p.data, self.hive.compression) for k, p in self.params.items()}
+        parts = split(weights)
+        frames = [encode(Weights(self.round, i, len(parts), part)) for i, part in enumerate(parts)]
+        block = self.trainer.model_cfg.block_size
+        rnd = Round(self.round, {p.id for p in peers}, {p.id: per_peer * block for p in peers})
+        self.current = rnd
+
+        async def send(peer: Peer) -> None:
+            work = encode(self._work(rnd.number, per_peer))
+            try:
+                for frame in (*frames, work):
+                    await peer.ws.send_bytes(frame)
+                    rnd.bytes_out += len(frame)
+                peer.state, peer.sent_at = "working", time.time()
+            except (ConnectionError, RuntimeError):
+                rnd.expected.discard(peer.id)
+
+        await asyncio.gather(*(send(p) for p in peers))
+        deadline = rnd.started + self.hive.round_timeout
+        while True:
+            waiting = {i for i in rnd.expected - rnd.reported if i in self.peers and not self.peers[i].ws.closed}
+            if not waiting:
+                break
+            left = deadline - time.time()
+            if left <= 0 and rnd.accepted >= self.hive.min_peers:
+                log.info("round %d: closing at the timeout without %d peer(s)", rnd.number, len(waiting))
+                break
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), timeout=max(left, 1.0))
+            except asyncio.TimeoutError:
+                pass
+        self.current = None
+        for p in self.peers.values():
+            if p.state == "working":
+                p.state = "idle"
+        self.bytes_in += rnd.bytes_in
+        self.bytes_out += rnd.bytes_out
+        return rnd
+
+    def _apply(self, rnd: Round) -> None:
+        update = rnd.agg.result()
+        if self.hive.mode == "sync":
+            for group in self.outer.param_groups:
+                group["lr"] = lr_at(self.run.train, self.round)
+        for name, p in self.params.items():
+            p.grad = update[name].to(p.device, p.dtype)
+        self.outer.step()
+        self.outer.zero_grad(set_to_none=True)
+        self.round += 1
+        self.tokens += sum(t for _, t in rnd.losses)
+
+    def _evaluate_and_save(self, rnd: Round) -> None:
+        val = self.trainer.evaluate()["val_loss"]
+        loss = sum(l * t for l, t in rnd.losses) / max(1, sum(t for _, t in rnd.losses))
+        record = {
+            "round": self.round, "train_loss": loss, "val_loss": val, "tokens": self.tokens,
+            "accepted": rnd.accepted, "clipped": rnd.clipped, "rejected": rnd.rejected,
+            "peers": len(rnd.expected), "bytes_in": rnd.bytes_in, "bytes_out": rnd.bytes_out,
+            "seconds": round(time.time() - rnd.started, 3), "time": time.time(),
+        }
+        self.history.append(record)
+        self.events.emit("round", **record)
+        log.info("round %d: train loss %.4f, val loss %.4f, %d update(s) from %d peer(s), %.2fs",
+                 self.round, loss, val, rnd.accepted, len(rnd.expected), record["seconds"])
+        if self.round % self.run.train.checkpoint_interval == 0:
+            self.save()
+
+    # ----------------------------------------------------------------- peers
+
+    async def handle_peer(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, heartbeat=30)
+        await ws.prepare(request)
+        address = request.remote or "?"
+        wait = self.limiter.blocked(address)
+        if wait:
+            await self._refuse(ws, f"too many failed attempts from {address}; try again in {wait:.0f} s")
+            return ws
+        try:
+            msg = await ws.receive(timeout=15)
+            hello = decode(msg.data) if msg.type == WSMsgType.BINARY else None
+            if not isinstance(hello, Hello):
+                raise ProtocolError("the first frame must be a Hello")
+        except (ProtocolError, asyncio.TimeoutError) as exc:
+            await ws.close(code=1002, message=f"protocol error: {exc}".encode()[:120])
+            return ws
+        if hello.version != PROTOCOL_VERSION:
+            await self._refuse(ws, f"protocol version {hello.version} is not {PROTOCOL_VERSION}; install the same "
+                                   "hived version as the coordinator", final=True)
+            return ws
+        key_name = self.keys.verify(hello.key)
+        if key_name is None:
+            self.limiter.fail(address)
+            log.warning("refused a peer from %s: unknown or revoked key", address)
+            await self._refuse(ws, "unknown or revoked key; ask the coordinator's operator for a key "
+                                   "(`hived keys add NAME`)", final=True)
+            return ws
+        peer = Peer(secrets.token_hex(4), clean_text(hello.name) or key_name, key_name,
+                    clean_text(hello.device), address, ws)
+        self.peers[peer.id] = peer
+        log.info("peer %s (%s, key %s) joined from %s", peer.name, peer.device, key_name, address)
+        try:
+            await ws.send_bytes(encode(Welcome(
+                peer.id, self.hive.mode, self.hive.compression, dataclasses.asdict(self.trainer.model_cfg),
+                self._peer_train_config(), self.trainer.tokenizer.to_json(), self.round)))
+            self.changed.set()
+            async for msg in ws:
+                peer.last_seen = time.time()
+                if msg.type != WSMsgType.BINARY:
+                    raise ProtocolError("only binary frames are accepted")
+                m = decode(msg.data)
+                if isinstance(m, Update):
+                    await self._receive(peer, m, len(msg.data))
+                elif isinstance(m, Bye):
+                    break
+                else:
+                    raise ProtocolError(f"unexpected {type(m).__name__}")
+        except ProtocolError as exc:
+            log.warning("closing peer %s: %s", peer.name, exc)
+            await ws.close(code=1002, message=str(exc).encode()[:120])
+        finally:
+            self.peers.pop(peer.id, None)
+            self.changed.set()
+            log.info("peer %s left", peer.name)
+        return ws
+
+    async def _refuse(self, ws: web.WebSocketResponse, reason: str, final: bool = False) -> None:
+        await ws.send_bytes(encode(Refused(reason, final)))
+        await ws.close(code=4001 if final else 4002, message=reason.encode()[:120])
+
+    async def _receive(self, peer: Peer, m: Update, size: int) -> None:
+        if not 0 < m.parts <= 4096 or not 0 <= m.part < m.parts:
+            raise ProtocolError("bad part numbering")
+        peer.parts[m.part] = m.tensors
+        if len(peer.parts) < m.parts:
+            return
+        tensors_raw, peer.parts = peer.parts, {}
+        rnd = self.current
+        if rnd is not None:
+            rnd.bytes_in += size
+        if rnd is None or m.round != rnd.number or peer.id not in rnd.expected or peer.id in rnd.reported:
+            self.late += 1
+            await peer.ws.send_bytes(encode(Ack(m.round, "late", "the round had closed")))
+            return
+        packed = {name: d for part in tensors_raw.values() for name, d in part.items()}
+        update = {name: unpack(d) for name, d in packed.items()}
+        used, status, detail = self.guard.check(update, model_norm(self.params))
+        rnd.reported.add(peer.id)
+        if used is None:
+            rnd.rejected += 1
+            self.rejected += 1
+            peer.strikes += 1
+            log.warning("rejected an update from %s: %s", peer.name, detail)
+        else:
+            tokens = max(0, min(m.tokens, rnd.assigned[peer.id]))
+            rnd.agg.add(used, tokens)
+            rnd.accepted += 1
+            rnd.clipped += status == "clipped"
+            rnd.losses.append((m.loss if math.isfinite(m.loss) else 0.0, tokens))
+            peer.rounds += 1
+            peer.tokens += tokens
+            peer.tokens_per_sec = tokens / max(1e-6, time.time() - peer.sent_at)
+            entry = self.ledger.setdefault(peer.name, {"rounds": 0, "tokens": 0})
+            entry["rounds"] += 1
+            entry["tokens"] += tokens
+            if status == "clipped":
+                log.warning("clipped an update from %s: %s", peer.name, detail)
+        await peer.ws.send_bytes(encode(Ack(m.round, status, detail)))
+        self.changed.set()
+        if peer.strikes >= self.hive.max_strikes:
+            log.warning("dropping peer %s after %d bad updates", peer.name, peer.strikes)
+            await self._refuse(peer.ws, f"dropped after {peer.strikes} rejected updates", final=True)
+
+    # ----------------------------------------------------------------- status
+
+    def status(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        now = time.time()
+        return {
+            "role": "coordinator", "mode": self.hive.mode, "compression": self.hive.compression,
+            "round": self.round, "tokens": self.tokens,
+            "train_loss": last.get("train_loss"), "val_loss": last.get("val_loss"),
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "late_reports": self.late, "rejected_updates": self.rejected,
+            "uptime": round(now - self.started, 1),
+            "peers": [{
+                "name": p.name, "device": p.device, "state": p.state, "rounds": p.rounds, "tokens": p.tokens,
+                "tokens_per_sec": round(p.tokens_per_sec, 1), "last_seen": round(now - p.last_seen, 1),
+                "ledger": self.ledger.get(p.name, {}),
+            } for p in self.peers.values()],
+            "ledger": self.ledger,
+            "history": self.history[-200:],
+        }
+
+
+COORDINATOR = web.AppKey("coordinator", Coordinator)
+
+
+def make_app(coordinator: Coordinator) -> web.Application:
+    """The daemon's aiohttp application: peer WebSocket and JSON API on one port."""
+    app = web.Application()
+    app[COORDINATOR] = coordinator
+    app.router.add_get("/ws/peer", coordinator.handle_peer)
+    app.router.add_get("/api/status", lambda request: web.json_response(request.app[COORDINATOR].status()))
+
+    async def start_rounds(app: web.Application) -> None:
+        app[ROUNDS] = asyncio.create_task(app[COORDINATOR].run_rounds())
+
+    async def stop_rounds(app: web.Application) -> None:
+        task = app[ROUNDS]
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        for peer in list(app[COORDINATOR].peers.values()):
+            await peer.ws.close(code=1001, message=b"coordinator shutting down")
+        app[COORDINATOR].save()
+
+    app.on_startup.append(start_rounds)
+    app.on_cleanup.append(stop_rounds)
+    return app
+
+
+ROUNDS = web.AppKey("rounds", asyncio.Task)

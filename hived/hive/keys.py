@@ -1,0 +1,76 @@
+"""Named peer keys, stored hashed in the state folder.
+
+A key is 256 random bits, shown once when created. Only its SHA-256 is stored (a slow password
+hash buys nothing for keys this long), and checking one compares against every stored hash in
+constant time, so timing reveals neither which key nor how much of it matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import time
+from pathlib import Path
+
+from ..checkpoint import atomic_write_bytes
+
+PREFIX = "hk_"
+NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class KeyStoreError(ValueError):
+    pass
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()
+
+
+class KeyStore:
+    def __init__(self, state_dir: str | Path):
+        self.path = Path(state_dir) / "keys.json"
+
+    def _load(self) -> dict[str, dict]:
+        if not self.path.exists():
+            return {}
+        try:
+            return json.loads(self.path.read_text())
+        except json.JSONDecodeError:
+            raise KeyStoreError(f"{self.path} is corrupt; restore it from a backup or remove it and add keys again") from None
+
+    def _save(self, keys: dict[str, dict]) -> None:
+        atomic_write_bytes(self.path, json.dumps(keys, indent=1, sort_keys=True).encode())
+        self.path.chmod(0o600)
+
+    def add(self, name: str) -> str:
+        if not NAME.match(name):
+            raise KeyStoreError("a key name is 1-64 letters, digits, '.', '_' or '-'")
+        keys = self._load()
+        if name in keys:
+            raise KeyStoreError(f"a key named {name!r} exists; revoke it first or choose another name")
+        key = PREFIX + secrets.token_urlsafe(32)
+        keys[name] = {"sha256": _digest(key), "created": int(time.time())}
+        self._save(keys)
+        return key
+
+    def revoke(self, name: str) -> None:
+        keys = self._load()
+        if name not in keys:
+            raise KeyStoreError(f"no key named {name!r}")
+        del keys[name]
+        self._save(keys)
+
+    def names(self) -> dict[str, dict]:
+        return {name: {"created": v["created"]} for name, v in sorted(self._load().items())}
+
+    def verify(self, key: str) -> str | None:
+        """The key's name, or None. Reads the file each time so revocations apply at once."""
+        digest = _digest(key)
+        found = None
+        for name, entry in self._load().items():
+            if hmac.compare_digest(digest, entry["sha256"]):
+                found = name
+        return found

@@ -1,0 +1,161 @@
+"""A hive peer: `hived join URL --key KEY`.
+
+It connects out over a WebSocket (so it works behind NAT), receives the model, tokenizer and
+config, then each round: loads the coordinator's weights, trains on the token windows it was
+sent with the same Trainer as `hived train`, and sends back its update, compressed with error
+feedback. Its inner optimizer state survives rounds and reconnections. Any disconnect is retried
+with exponential backoff and jitter; a refused key is final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import platform
+import random
+from dataclasses import dataclass
+
+import aiohttp
+import numpy as np
+import torch
+
+from ..config import ModelConfig, TrainConfig, build
+from ..data import Windows
+from ..device import pick_device
+from ..protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Ack, Bye, ErrorFeedback, Hello, ProtocolError, Refused,
+                        Update, Weights, Welcome, Work, decode, encode, split, unpack)
+from ..tokenizer import from_json
+from ..trainer import Trainer
+
+log = logging.getLogger("hived.peer")
+
+
+class Refusal(Exception):
+    """The coordinator said no for good (a bad or revoked key, a dropped peer)."""
+
+
+@dataclass
+class PeerOptions:
+    url: str
+    key: str
+    name: str
+    device: str = "auto"
+    max_rounds: int = 0  # 0: until stopped
+    max_backoff: float = 60.0
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()})"
+
+
+class Peer:
+    def __init__(self, opts: PeerOptions):
+        self.opts = opts
+        self.device = pick_device(opts.device)
+        self.trainer: Trainer | None = None
+        self.feedback: ErrorFeedback | None = None
+        self.identity: str | None = None  # what the trainer was built for
+        self.rounds = 0
+
+    def _setup(self, welcome: Welcome) -> None:
+        identity = json.dumps([welcome.model_config, welcome.train_config, welcome.tokenizer, welcome.mode,
+                               welcome.compression], sort_keys=True)
+        if identity == self.identity:
+            return  # same hive after a reconnect: keep the inner optimizer and error feedback
+        cfg = build(TrainConfig, {**welcome.train_config, "device": str(self.device)}, "coordinator config")
+        model_cfg = build(ModelConfig, welcome.model_config, "coordinator model")
+        tok = from_json(welcome.tokenizer)
+        self.trainer = Trainer(model_cfg, cfg, Windows(np.zeros((1, model_cfg.block_size + 1), np.int64), 0), tok)
+        self.feedback = ErrorFeedback(welcome.compression)
+        self.mode = welcome.mode
+        self.identity = identity
+        log.info("joined: %s mode, %s updates, %s parameters on %s", welcome.mode, welcome.compression,
+                 f"{self.trainer.model.num_params():,}", self.device)
+
+    def work(self, weights: dict[str, torch.Tensor], work: Work) -> Update:
+        """Train on one round's windows from the given weights; return the update (runs in a thread)."""
+        trainer = self.trainer
+        params = dict(trainer.model.named_parameters())
+        if set(weights) != set(params):
+            raise ProtocolError("weights do not match the model")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(weights[name].view_as(p))
+        rows = np.frombuffer(work.windows, dtype=np.dtype(work.dtype)).reshape(work.count, -1)
+        if rows.shape[1] != trainer.model_cfg.block_size + 1:
+            raise ProtocolError("work windows do not match the model's context")
+        trainer.data = Windows(rows, work.start)
+        trainer.cursor = work.start
+        if self.mode == "diloco":
+            start = {k: p.detach().clone() for k, p in params.items()}
+            losses = [trainer.train_step()["loss"] for _ in range(work.steps)]
+            delta = {k: start[k] - p.detach() for k, p in params.items()}
+            loss = sum(losses) / len(losses)
+        else:
+            delta, loss = trainer.gradients()
+        tensors = {k: self.feedback.pack(k, v) for k, v in delta.items()}
+        tokens = work.count * trainer.model_cfg.block_size
+        return Update(work.round, 0, 1, tokens, loss, tensors)
+
+    async def session(self, ws: aiohttp.ClientWebSocketResponse) -> bool:
+        """One connection; True when the peer is done (max rounds reached)."""
+        loop = asyncio.get_running_loop()
+        await ws.send_bytes(encode(Hello(PROTOCOL_VERSION, self.opts.key, self.opts.name,
+                                         device_description(self.device))))
+        weights: dict[str, torch.Tensor] = {}
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                break
+            m = decode(msg.data)
+            if isinstance(m, Refused):
+                if m.final:
+                    raise Refusal(m.reason)
+                log.warning("coordinator: %s", m.reason)
+                return False
+            if isinstance(m, Welcome):
+                await loop.run_in_executor(None, self._setup, m)
+            elif isinstance(m, Weights):
+                if m.part == 0:
+                    weights = {}
+                weights.update({k: unpack(d) for k, d in m.tensors.items()})
+            elif isinstance(m, Work):
+                update = await loop.run_in_executor(None, self.work, weights, m)
+                parts = split(update.tensors)
+                for i, part in enumerate(parts):
+                    await ws.send_bytes(encode(Update(update.round, i, len(parts), update.tokens, update.loss, part)))
+                log.info("round %d: loss %.4f, sent %d part(s)", m.round + 1, update.loss, len(parts))
+            elif isinstance(m, Ack):
+                if m.status != "accepted":
+                    log.warning("round %d: update %s %s", m.round + 1, m.status, m.detail)
+                if m.status in ("accepted", "clipped"):
+                    self.rounds += 1
+                if self.opts.max_rounds and self.rounds >= self.opts.max_rounds:
+                    await ws.send_bytes(encode(Bye("done")))
+                    return True
+        return False
+
+    async def run(self) -> int:
+        """Serve rounds until done; reconnect after any failure. Exit status: 0 done, 1 refused."""
+        url = self.opts.url.rstrip("/") + "/ws/peer"
+        attempt = 0
+        async with aiohttp.ClientSession() as http:
+            while True:
+                try:
+                    async with http.ws_connect(url, max_msg_size=MAX_FRAME_BYTES, heartbeat=30) as ws:
+                        log.info("connected to %s", self.opts.url)
+                        attempt = 0
+                        if await self.session(ws):
+                            log.info("left after %d round(s)", self.rounds)
+                            return 0
+                except Refusal as exc:
+                    log.error("refused by the coordinator: %s", exc)
+                    return 1
+                except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError, ProtocolError) as exc:
+                    log.warning("connection lost: %s", exc or type(exc).__name__)
+                delay = min(self.opts.max_backoff, 0.5 * 2 ** attempt) * random.uniform(0.5, 1.5)
+                attempt = min(attempt + 1, 16)
+                log.info("reconnecting in %.1f s", delay)
+                await asyncio.sleep(delay)

@@ -1,0 +1,257 @@
+"""The hive's wire protocol: every message type, the frame codec and the tensor codec.
+
+Coordinator, peer and tests all import this one module, so the protocol is defined once.
+A frame is a msgpack map ``{"type": name, **fields}``, zstd-compressed. Nothing is ever
+unpickled: msgpack decodes to plain maps, lists, numbers, strings and bytes, and every field is
+checked against the dataclass it claims to be before use. Sizes are capped before and after
+decompression, so a hostile peer cannot make the daemon allocate more than the caps.
+
+Tensors travel as dtype + shape + bytes, as fp32, fp16, bf16, or blockwise int8 (one fp32 scale
+per block of ``INT8_BLOCK`` values). The sender of int8 updates keeps the quantisation error and
+adds it to the next update (error feedback), so over rounds nothing is lost, only delayed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+import zstandard
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 64 << 20  # compressed, as received
+MAX_MESSAGE_BYTES = 256 << 20  # after decompression
+CHUNK_BYTES = 16 << 20  # tensor payload per frame when a message is split
+INT8_BLOCK = 256
+MAX_TEXT = 64  # names and device strings from peers
+COMPRESSIONS = ("fp32", "fp16", "bf16", "int8")
+
+_ZSTD_LEVEL = 3
+
+
+class ProtocolError(ValueError):
+    """A frame that does not follow the protocol; the connection that sent it is closed."""
+
+
+# ---------------------------------------------------------------------------- messages
+
+
+@dataclass
+class Hello:
+    """Peer → coordinator, first frame of every connection."""
+
+    version: int
+    key: str
+    name: str
+    device: str
+
+
+@dataclass
+class Welcome:
+    """Coordinator → peer: everything needed to build the same model and trainer."""
+
+    peer_id: str
+    mode: str
+    compression: str
+    model_config: dict
+    train_config: dict
+    tokenizer: str
+    round: int
+
+
+@dataclass
+class Refused:
+    """Coordinator → peer, then the connection closes. ``final``: do not retry (a bad key)."""
+
+    reason: str
+    final: bool = False
+
+
+@dataclass
+class Weights:
+    """Coordinator → peer: the model at the start of ``round`` (one part of ``parts``)."""
+
+    round: int
+    part: int
+    parts: int
+    tensors: dict = field(default_factory=dict)
+
+
+@dataclass
+class Work:
+    """Coordinator → peer: train on these token windows (rows of block_size + 1 tokens)."""
+
+    round: int
+    start: int  # index of the first window, for the ledger and for reproducibility
+    count: int
+    dtype: str
+    windows: bytes
+    steps: int  # optimizer steps (diloco: inner steps; sync: 1)
+
+
+@dataclass
+class Update:
+    """Peer → coordinator: pseudo-gradient (diloco) or gradient (sync) for ``round``."""
+
+    round: int
+    part: int
+    parts: int
+    tokens: int
+    loss: float
+    tensors: dict = field(default_factory=dict)
+
+
+@dataclass
+class Ack:
+    """Coordinator → peer: what became of an update (accepted, clipped, late, rejected)."""
+
+    round: int
+    status: str
+    detail: str = ""
+
+
+@dataclass
+class Bye:
+    reason: str = ""
+
+
+MESSAGES: dict[str, type] = {cls.__name__: cls for cls in (Hello, Welcome, Refused, Weights, Work, Update, Ack, Bye)}
+_FIELD_TYPES = {"int": int, "str": str, "bool": bool, "dict": dict, "bytes": bytes, "float": (float, int)}
+
+
+def encode(msg: Any) -> bytes:
+    payload = {"type": type(msg).__name__, **dataclasses.asdict(msg)}
+    return zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(msgpack.packb(payload, use_bin_type=True))
+
+
+def decode(frame: bytes) -> Any:
+    """Decode and validate one frame; anything unexpected raises ProtocolError."""
+    if not isinstance(frame, (bytes, bytearray)):
+        raise ProtocolError("expected a binary frame")
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {len(frame)} bytes exceeds the {MAX_FRAME_BYTES}-byte cap")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=MAX_MESSAGE_BYTES)
+    except zstandard.ZstdError as exc:
+        raise ProtocolError(f"not a zstd frame: {exc}") from None
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise ProtocolError("message too large once decompressed")
+    try:
+        payload = msgpack.unpackb(raw, raw=False, strict_map_key=True,
+                                  max_bin_len=MAX_MESSAGE_BYTES, max_str_len=1 << 20)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"not a msgpack message: {type(exc).__name__}") from None
+    if not isinstance(payload, dict) or payload.get("type") not in MESSAGES:
+        raise ProtocolError("unknown message type")
+    cls = MESSAGES[payload.pop("type")]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if set(payload) != set(fields):
+        raise ProtocolError(f"{cls.__name__}: fields {sorted(payload)} do not match {sorted(fields)}")
+    for name, value in payload.items():
+        expected = _FIELD_TYPES[fields[name].type]
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ProtocolError(f"{cls.__name__}.{name} has the wrong type")
+    return cls(**payload)
+
+
+def clean_text(text: str, limit: int = MAX_TEXT) -> str:
+    """Untrusted text from a peer: printable characters only, length-limited."""
+    return "".join(c for c in str(text) if c.isprintable())[:limit]
+
+
+# ------------------------------------------------------------------------- tensors
+
+
+def pack(t: torch.Tensor, compression: str = "fp32") -> dict:
+    """A tensor as a msgpack-friendly map; int8 is blockwise with a scale per block."""
+    t = t.detach().to("cpu", torch.float32).contiguous()
+    shape = list(t.shape)
+    if compression == "fp32":
+        return {"dtype": "fp32", "shape": shape, "data": t.numpy().tobytes()}
+    if compression == "fp16":
+        return {"dtype": "fp16", "shape": shape, "data": t.half().numpy().tobytes()}
+    if compression == "bf16":
+        return {"dtype": "bf16", "shape": shape, "data": t.bfloat16().view(torch.int16).numpy().tobytes()}
+    if compression == "int8":
+        flat = t.flatten()
+        pad = (-flat.numel()) % INT8_BLOCK
+        blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, INT8_BLOCK)
+        scale = blocks.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        q = torch.round(blocks / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        return {"dtype": "int8", "shape": shape, "data": q.numpy().tobytes(),
+                "scale": scale.numpy().tobytes()}
+    raise ValueError(f"unknown compression {compression!r}; use one of {', '.join(COMPRESSIONS)}")
+
+
+def unpack(d: Any) -> torch.Tensor:
+    """The inverse of ``pack``, checking that sizes agree before touching the bytes."""
+    if not isinstance(d, dict) or not isinstance(d.get("shape"), list) or not isinstance(d.get("data"), bytes):
+        raise ProtocolError("malformed tensor")
+    shape = d["shape"]
+    if not all(isinstance(s, int) and 0 <= s < 1 << 31 for s in shape) or len(shape) > 8:
+        raise ProtocolError("malformed tensor shape")
+    n = math.prod(shape)
+    kind = d.get("dtype")
+    itemsize = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}.get(kind)
+    if itemsize is None:
+        raise ProtocolError(f"unknown tensor dtype {kind!r}")
+    blocks = -(-n // INT8_BLOCK)
+    expected = blocks * INT8_BLOCK if kind == "int8" else n * itemsize
+    if len(d["data"]) != expected:
+        raise ProtocolError("tensor data does not match its shape")
+    if kind == "fp32":
+        out = torch.from_numpy(np.frombuffer(d["data"], dtype=np.float32).copy())
+    elif kind == "fp16":
+        out = torch.from_numpy(np.frombuffer(d["data"], dtype=np.float16).copy()).float()
+    elif kind == "bf16":
+        out = torch.from_numpy(np.frombuffer(d["data"], dtype=np.int16).copy()).view(torch.bfloat16).float()
+    else:
+        scale = d.get("scale")
+        if not isinstance(scale, bytes) or len(scale) != blocks * 4:
+            raise ProtocolError("int8 tensor has no valid scales")
+        q = torch.from_numpy(np.frombuffer(d["data"], dtype=np.int8).copy()).view(blocks, INT8_BLOCK)
+        s = torch.from_numpy(np.frombuffer(scale, dtype=np.float32).copy())
+        out = (q.float() * s[:, None]).flatten()[:n]
+    return out.view(shape)
+
+
+class ErrorFeedback:
+    """Sender-side memory of what compression dropped, added back into the next update.
+
+    With it, the sum of the tensors received tracks the sum of the true updates to within one
+    round's quantisation error, instead of drifting by every round's error.
+    """
+
+    def __init__(self, compression: str):
+        self.compression = compression
+        self.residual: dict[str, torch.Tensor] = {}
+
+    def pack(self, name: str, t: torch.Tensor) -> dict:
+        t = t.detach().float().cpu()
+        if self.compression == "fp32":
+            return pack(t, "fp32")
+        target = t + self.residual.get(name, 0.0)
+        packed = pack(target, self.compression)
+        self.residual[name] = target - unpack(packed)
+        return packed
+
+
+def split(tensors: dict[str, dict], limit: int = CHUNK_BYTES) -> list[dict[str, dict]]:
+    """Group packed tensors into parts of at most ``limit`` payload bytes each (a tensor larger
+    than the limit travels alone). Keeps every frame under the frame cap for any model size
+    whose largest tensor fits one frame."""
+    parts: list[dict[str, dict]] = [{}]
+    size = 0
+    for name, d in tensors.items():
+        n = len(d["data"]) + len(d.get("scale", b""))
+        if parts[-1] and size + n > limit:
+            parts.append({})
+            size = 0
+        parts[-1][name] = d
+        size += n
+    return parts

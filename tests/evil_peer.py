@@ -1,0 +1,29 @@
+"""A misbehaving hive peer for the tests: a real process that speaks the real protocol but sends
+poisoned updates. Usage: python evil_peer.py URL KEY nan|scale"""
+
+import asyncio
+import logging
+import sys
+
+from hived.hive.peer import Peer, PeerOptions
+from hived.protocol import pack, unpack
+
+
+class EvilPeer(Peer):
+    def __init__(self, opts: PeerOptions, kind: str):
+        super().__init__(opts)
+        self.kind = kind
+
+    def work(self, weights, work):
+        update = super().work(weights, work)
+        for name, d in update.tensors.items():
+            t = unpack(d)
+            t = t * 1000.0 if self.kind == "scale" else t * float("nan")
+            update.tensors[name] = pack(t, "fp32" if d["dtype"] == "fp32" else d["dtype"])
+        return update
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    url, key, kind = sys.argv[1:4]
+    sys.exit(asyncio.run(EvilPeer(PeerOptions(url, key, f"evil-{kind}"), kind).run()))

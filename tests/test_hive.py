@@ -1,0 +1,194 @@
+"""The hive with real processes over 127.0.0.1: a coordinator daemon, `hived join` peers,
+real sockets and real kills. Every wait is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from hived import checkpoint
+
+from conftest import hived
+
+HERE = Path(__file__).parent
+FAST = ["--batch-size", "4", "--eval-tokens", "4096", "--warmup-steps", "2", "--lr", "0.003"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Hive:
+    """A coordinator process plus helpers to start peers and read its status."""
+
+    def __init__(self, tmp: Path, env: dict, corpus: Path, *args: str):
+        self.tmp, self.env, self.corpus, self.args = tmp, env, corpus, args
+        self.state = tmp / "state"
+        self.port = free_port()
+        self.url = f"ws://127.0.0.1:{self.port}"
+        self.key = hived("keys", "add", "alice", "--state-dir", str(self.state), env=env).stdout.strip()
+        self.procs: list[subprocess.Popen] = []
+        self.coordinator = self.start_coordinator()
+
+    def spawn(self, *cmd: str, log: str) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL,
+                                stderr=open(self.tmp / log, "a"), text=True)
+        self.procs.append(proc)
+        return proc
+
+    def start_coordinator(self) -> subprocess.Popen:
+        proc = self.spawn(sys.executable, "-m", "hived.cli", "serve", "--state-dir", str(self.state), "--port",
+                          str(self.port), "--data", str(self.corpus), *FAST, *self.args, log="coordinator.log")
+        self.wait(lambda s: True, timeout=60)
+        return proc
+
+    def join(self, *args: str, name: str = "peer") -> subprocess.Popen:
+        return self.spawn(sys.executable, "-m", "hived.cli", "join", self.url, "--key", self.key, "--name", name,
+                          *args, log=f"{name}.log")
+
+    def status(self) -> dict | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/status", timeout=5) as r:
+                return json.load(r)
+        except OSError:
+            return None
+
+    def wait(self, cond, timeout: float = 90) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            s = self.status()
+            if s is not None and cond(s):
+                return s
+            time.sleep(0.2)
+        raise TimeoutError(f"condition not met in {timeout}s; last status {self.status()}\n"
+                           + (self.tmp / "coordinator.log").read_text()[-3000:])
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=30)
+
+
+@pytest.fixture
+def hive_factory(tmp_path, env, corpus):
+    made: list[Hive] = []
+
+    def make(*args: str) -> Hive:
+        made.append(Hive(tmp_path, env, corpus, *args))
+        return made[-1]
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def test_two_peers_train_one_model_and_validation_loss_falls(hive_factory):
+    hive = hive_factory("--inner-steps", "10", "--min-peers", "2", "--rounds", "5")
+    peers = [hive.join("--max-rounds", "5", name=f"p{i}") for i in (1, 2)]
+    status = hive.wait(lambda s: s["round"] >= 5 and len(s["history"]) >= 5)
+    history = status["history"]
+    assert all(r["accepted"] == 2 for r in history)  # both peers' updates, every round
+    assert history[-1]["val_loss"] < history[0]["val_loss"] - 0.3
+    assert set(status["ledger"]) == {"p1", "p2"}
+    assert all(v["rounds"] == 5 and v["tokens"] == 5 * 10 * 4 * 64 for v in status["ledger"].values())
+    assert status["bytes_in"] > 0 and status["bytes_out"] > 0 and status["mode"] == "diloco"
+    for p in peers:
+        assert p.wait(timeout=60) == 0  # --max-rounds leaves cleanly
+
+
+def test_a_wrong_key_is_refused_for_good_and_attempts_are_rate_limited(hive_factory):
+    hive = hive_factory()
+    bad = subprocess.run([sys.executable, "-m", "hived.cli", "join", hive.url, "--key", "hk_wrong"],
+                         env=hive.env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "unknown or revoked key" in bad.stderr
+    assert bad.stderr.count("connected to") == 1  # no retry loop
+
+    async def attempts():
+        async with aiohttp.ClientSession() as s:
+            reasons = []
+            for _ in range(7):
+                async with s.ws_connect(hive.url + "/ws/peer") as ws:
+                    from hived.protocol import PROTOCOL_VERSION, Hello, decode, encode
+                    await ws.send_bytes(encode(Hello(PROTOCOL_VERSION, "hk_nope", "x", "cpu")))
+                    reasons.append(decode((await ws.receive(timeout=10)).data).reason)
+            return reasons
+
+    reasons = asyncio.run(attempts())
+    assert "too many failed attempts" in reasons[-1]
+
+
+def test_a_peer_killed_mid_round_does_not_stop_the_next_round(hive_factory):
+    hive = hive_factory("--inner-steps", "40", "--min-peers", "1", "--round-timeout", "300")
+    a, b = hive.join(name="steady"), hive.join(name="doomed")
+    hive.wait(lambda s: len(s["peers"]) == 2 and s["round"] >= 1)
+    hive.wait(lambda s: any(p["name"] == "doomed" and p["state"] == "working" for p in s["peers"]))
+    started = time.time()
+    b.send_signal(signal.SIGKILL)
+    r = hive.status()["round"]
+    hive.wait(lambda s: s["round"] >= r + 2, timeout=120)
+    assert time.time() - started < 120  # far below the 300 s round timeout: no stall
+    assert [p["name"] for p in hive.status()["peers"]] == ["steady"]
+
+
+def test_a_killed_coordinator_resumes_from_its_checkpoint_and_peers_rejoin(hive_factory):
+    hive = hive_factory("--inner-steps", "5", "--checkpoint-interval", "1")
+    hive.join(name="p1"), hive.join(name="p2")
+    hive.wait(lambda s: s["round"] >= 3 and len(s["peers"]) == 2)
+    hive.coordinator.send_signal(signal.SIGKILL)
+    hive.coordinator.wait(timeout=30)
+    saved = checkpoint.load(hive.state / "coordinator.pt")["round"]
+    assert saved >= 2
+    hive.coordinator = hive.start_coordinator()
+    first = hive.status()
+    assert first["round"] == saved and len(first["history"]) == saved
+    status = hive.wait(lambda s: s["round"] >= saved + 2 and len(s["peers"]) == 2, timeout=120)
+    assert {p["name"] for p in status["peers"]} == {"p1", "p2"}  # they reconnected by themselves
+    assert status["ledger"]["p1"]["rounds"] >= saved // 2
+
+
+@pytest.mark.parametrize("kind", ["nan", "scale"])
+def test_poisoned_updates_never_reach_the_model(hive_factory, kind):
+    hive = hive_factory("--inner-steps", "10")
+    hive.join(name="good")
+    evil = hive.spawn(sys.executable, str(HERE / "evil_peer.py"), hive.url, hive.key, kind, log="evil.log")
+    assert evil.wait(timeout=150) == 1  # dropped after repeated bad updates, and told so
+    status = hive.wait(lambda s: s["round"] >= 5, timeout=150)
+    history = status["history"]
+    assert status["rejected_updates"] == 3
+    assert all(r["accepted"] >= 1 for r in history)
+    losses = [r["val_loss"] for r in history]
+    assert all(b <= a + 0.05 for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0]
+    assert "dropped after 3 rejected updates" in (hive.tmp / "evil.log").read_text()
+
+
+def test_garbage_does_not_bring_the_daemon_down(hive_factory):
+    hive = hive_factory("--inner-steps", "5")
+
+    async def abuse():
+        async with aiohttp.ClientSession() as s:
+            async with s.ws_connect(hive.url + "/ws/peer") as ws:
+                await ws.send_bytes(b"\x00garbage\xff" * 100)
+                msg = await ws.receive(timeout=10)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            async with s.ws_connect(hive.url + "/ws/peer") as ws:
+                await ws.send_str("not even binary")
+                msg = await ws.receive(timeout=10)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+    asyncio.run(abuse())
+    hive.join(name="after")
+    hive.wait(lambda s: s["round"] >= 2)  # still up, still training
+    assert hive.coordinator.poll() is None

@@ -1,0 +1,117 @@
+import msgpack
+import pytest
+import torch
+import zstandard
+
+from hived.hive.aggregation import UpdateGuard, WeightedMean
+from hived.hive.keys import KeyStore, KeyStoreError
+from hived.protocol import (INT8_BLOCK, PROTOCOL_VERSION, Ack, ErrorFeedback, Hello, ProtocolError, Update, Weights,
+                            Work, clean_text, decode, encode, pack, split, unpack)
+
+
+def test_every_message_round_trips():
+    for msg in (Hello(PROTOCOL_VERSION, "k", "alice", "cpu"), Ack(3, "accepted", ""),
+                Work(1, 10, 2, "uint16", b"\x00" * 8, 5),
+                Update(2, 0, 1, 100, 1.5, {"w": pack(torch.ones(3), "fp16")})):
+        assert decode(encode(msg)) == msg
+
+
+@pytest.mark.parametrize("frame", [
+    b"garbage", zstandard.ZstdCompressor().compress(b"\xc1\xc1"),
+    zstandard.ZstdCompressor().compress(msgpack.packb({"type": "Nope"})),
+    zstandard.ZstdCompressor().compress(msgpack.packb({"type": "Hello", "version": 1})),
+    zstandard.ZstdCompressor().compress(msgpack.packb(
+        {"type": "Hello", "version": "1", "key": "k", "name": "n", "device": "d"})),
+    zstandard.ZstdCompressor().compress(msgpack.packb([1, 2, 3])),
+])
+def test_malformed_frames_raise_protocol_errors(frame):
+    with pytest.raises(ProtocolError):
+        decode(frame)
+
+
+def test_decompression_bombs_are_capped():
+    bomb = zstandard.ZstdCompressor().compress(b"\x00" * (300 << 20))
+    assert len(bomb) < 1 << 20
+    with pytest.raises(ProtocolError):
+        decode(bomb)
+
+
+@pytest.mark.parametrize("compression, tol", [("fp32", 0), ("fp16", 1e-3), ("bf16", 1e-2)])
+def test_float_codecs(compression, tol):
+    t = torch.randn(37, 11)
+    assert torch.allclose(unpack(pack(t, compression)), t, rtol=tol, atol=tol)
+
+
+def test_int8_error_is_within_half_a_step_of_each_blocks_scale():
+    torch.manual_seed(0)
+    t = torch.randn(1000) * torch.linspace(0.01, 10, 1000)  # blocks of very different magnitude
+    d = pack(t, "int8")
+    assert len(d["data"]) + len(d["scale"]) < t.numel() * 4 / 3.5  # at least 3.5x smaller than fp32
+    back = unpack(d)
+    flat = torch.nn.functional.pad(t, (0, -t.numel() % INT8_BLOCK)).view(-1, INT8_BLOCK)
+    bound = (flat.abs().amax(1) / 127 / 2).repeat_interleave(INT8_BLOCK)[: t.numel()]
+    assert ((back - t).abs() <= bound + 1e-6).all()
+
+
+def test_tensor_bytes_must_match_the_shape():
+    d = pack(torch.ones(10), "fp16")
+    d["shape"] = [11]
+    with pytest.raises(ProtocolError, match="does not match"):
+        unpack(d)
+    with pytest.raises(ProtocolError):
+        unpack({"dtype": "int8", "shape": [4], "data": b"\x00" * 256})  # no scales
+
+
+def test_error_feedback_makes_the_sum_of_sent_updates_track_the_true_sum():
+    torch.manual_seed(0)
+    updates = [torch.randn(512) * 0.01 for _ in range(200)]
+    true = torch.stack(updates).sum(0)
+    fb = ErrorFeedback("int8")
+    with_fb = sum(unpack(fb.pack("w", u)) for u in updates)
+    without = sum(unpack(pack(u, "int8")) for u in updates)
+    one_round = max(u.abs().max().item() for u in updates) / 127
+    assert (with_fb - true).abs().max() <= one_round  # bounded by one round's error...
+    assert (without - true).abs().max() > 3 * (with_fb - true).abs().max()  # ...while without it drifts
+
+
+def test_split_keeps_parts_under_the_limit_and_loses_nothing():
+    tensors = {f"t{i}": pack(torch.randn(1000), "fp32") for i in range(10)}
+    parts = split(tensors, limit=10_000)
+    assert len(parts) == 5
+    assert {k for p in parts for k in p} == set(tensors)
+    frames = [encode(Weights(0, i, len(parts), p)) for i, p in enumerate(parts)]
+    assert all(decode(f).tensors == p for f, p in zip(frames, parts))
+
+
+def test_peer_text_is_cleaned():
+    assert clean_text("<b>x</b>\x1b[31m\n" + "a" * 100) == ("<b>x</b>[31m" + "a" * 100)[:64]
+
+
+def test_weighted_mean_and_guard():
+    agg = WeightedMean()
+    agg.add({"w": torch.tensor([1.0, 1.0])}, 1)
+    agg.add({"w": torch.tensor([4.0, 4.0])}, 3)
+    assert torch.equal(agg.result()["w"], torch.tensor([3.25, 3.25]))
+    guard = UpdateGuard({"w": torch.Size([2])}, max_ratio=1.0, clip_factor=5.0)
+    ok = {"w": torch.tensor([0.1, 0.1])}
+    for _ in range(3):
+        assert guard.check(ok, model_norm=10.0)[1] == "accepted"
+    assert guard.check({"w": torch.tensor([float("nan"), 0.0])}, 10.0)[1] == "rejected"
+    assert guard.check({"w": torch.ones(3)}, 10.0)[1] == "rejected"
+    assert guard.check({"v": torch.ones(2)}, 10.0)[1] == "rejected"
+    assert guard.check({"w": torch.tensor([100.0, 100.0])}, 10.0)[1] == "rejected"  # beyond the model's norm
+    used, status, _ = guard.check({"w": torch.tensor([5.0, 5.0])}, 10.0)  # 50x the median: clipped to 5x
+    assert status == "clipped" and torch.allclose(used["w"].norm(), torch.tensor(5 * 0.1 * 2 ** 0.5))
+
+
+def test_keys_are_stored_hashed_and_revocable(tmp_path):
+    store = KeyStore(tmp_path)
+    key = store.add("alice")
+    assert key not in store.path.read_text() and store.verify(key) == "alice"
+    assert store.verify(key + "x") is None and store.verify("") is None
+    with pytest.raises(KeyStoreError, match="exists"):
+        store.add("alice")
+    with pytest.raises(KeyStoreError):
+        store.add("bad name!")
+    store.revoke("alice")
+    assert store.verify(key) is None and store.names() == {}
