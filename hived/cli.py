@@ -283,7 +283,10 @@ def serve(role: str, state_dir: str, host: str, port: int, tls_cert: str | None,
 @click.option("--name", default=None, help="how the coordinator lists you (default: this host's name)")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--max-rounds", type=int, default=0, help="leave cleanly after N rounds (0: never)")
-def join(url: str, key: str | None, key_file, name: str | None, device: str, max_rounds: int) -> None:
+@click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True),
+              help="trust this certificate for wss:// (a coordinator's self-signed one)")
+def join(url: str, key: str | None, key_file, name: str | None, device: str, max_rounds: int,
+         tls_ca: str | None) -> None:
     """Join a hive: train the coordinator's model with this machine."""
     import asyncio
     import platform
@@ -297,7 +300,7 @@ def join(url: str, key: str | None, key_file, name: str | None, device: str, max
         raise click.UsageError("a key is needed: --key, --key-file or HIVED_KEY")
     if not url.startswith(("ws://", "wss://")):
         raise click.BadParameter("the coordinator's URL starts with ws:// or wss://", param_hint="URL")
-    peer = Peer(PeerOptions(url, key, name or platform.node() or "peer", device, max_rounds))
+    peer = Peer(PeerOptions(url, key, name or platform.node() or "peer", device, max_rounds, ca_file=tls_ca))
     try:
         sys.exit(asyncio.run(peer.run()))
     except KeyboardInterrupt:

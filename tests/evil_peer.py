@@ -1,9 +1,10 @@
 """A misbehaving hive peer for the tests: a real process that speaks the real protocol but sends
-poisoned updates. Usage: python evil_peer.py URL KEY nan|scale"""
+poisoned (or late) updates. Usage: python evil_peer.py URL KEY nan|scale|slow"""
 
 import asyncio
 import logging
 import sys
+import time
 
 from hived.hive.peer import Peer, PeerOptions
 from hived.protocol import pack, unpack
@@ -16,6 +17,9 @@ class EvilPeer(Peer):
 
     def work(self, weights, work):
         update = super().work(weights, work)
+        if self.kind == "slow":
+            time.sleep(8)  # misses the round timeout: a late report
+            return update
         for name, d in update.tensors.items():
             t = unpack(d)
             t = t * 1000.0 if self.kind == "scale" else t * float("nan")

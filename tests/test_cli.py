@@ -184,3 +184,17 @@ def test_tensorboard_event_files_are_written_when_installed(env, corpus, tmp_pat
     run = tmp_path / "run"
     hived("train", "--data", str(corpus), "--steps", "3", "--out", str(run), *FAST, env=env)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_keys_add_list_revoke(env, tmp_path):
+    state = tmp_path / "state"
+    out = hived("keys", "add", "alice", "--state-dir", str(state), env=env).stdout
+    key = out.splitlines()[-1]
+    assert out == key + "\n" and key.startswith("hk_") and len(key) > 40  # alone on the last line
+    assert key not in (state / "keys.json").read_text()  # stored hashed
+    listed = hived("keys", "list", "--state-dir", str(state), env=env).stdout
+    assert listed.startswith("alice\t") and key not in listed
+    dup = hived("keys", "add", "alice", "--state-dir", str(state), env=env, check=False)
+    assert dup.returncode == 1 and "exists" in dup.stderr
+    hived("keys", "revoke", "alice", "--state-dir", str(state), env=env)
+    assert hived("keys", "list", "--state-dir", str(state), env=env).stdout == ""

@@ -192,3 +192,60 @@ def test_garbage_does_not_bring_the_daemon_down(hive_factory):
     hive.join(name="after")
     hive.wait(lambda s: s["round"] >= 2)  # still up, still training
     assert hive.coordinator.poll() is None
+
+
+def test_sync_mode_with_int8_updates_trains(hive_factory):
+    hive = hive_factory("--mode", "sync", "--compression", "int8", "--min-peers", "2", "--rounds", "40")
+    for i in (1, 2):
+        hive.join("--max-rounds", "40", name=f"s{i}")
+    status = hive.wait(lambda s: s["round"] >= 40 and len(s["history"]) >= 40, timeout=240)
+    assert status["mode"] == "sync" and status["compression"] == "int8"
+    assert status["history"][-1]["val_loss"] < status["history"][0]["val_loss"] - 0.3
+    # int8 updates: at least 3.5x fewer bytes than fp32 (4 bytes a parameter) per peer per round
+    assert status["bytes_in"] / (2 * 40) < status["parameters"] * 4 / 3.5
+
+
+def test_late_reports_are_refused_and_counted(hive_factory):
+    hive = hive_factory("--inner-steps", "5", "--round-timeout", "3")
+    hive.join(name="prompt")
+    slow = hive.spawn(sys.executable, str(HERE / "evil_peer.py"), hive.url, hive.key, "slow", log="slow.log")
+    status = hive.wait(lambda s: s["late_reports"] >= 1, timeout=120)
+    assert status["round"] >= 1
+    deadline = time.time() + 20  # the peer logs the coordinator's answer a moment later
+    while "update late" not in (hive.tmp / "slow.log").read_text():
+        assert time.time() < deadline, (hive.tmp / "slow.log").read_text()
+        time.sleep(0.2)
+    slow.kill()
+
+
+def test_sigterm_checkpoints_the_current_round(hive_factory):
+    hive = hive_factory("--inner-steps", "5", "--checkpoint-interval", "1000")
+    hive.join(name="p")
+    hive.wait(lambda s: s["round"] >= 2)
+    hive.coordinator.send_signal(signal.SIGTERM)
+    assert hive.coordinator.wait(timeout=60) == 0
+    state = checkpoint.load(hive.state / "coordinator.pt")
+    assert state["round"] >= 2 and state["ledger"]["p"]["rounds"] >= 2
+
+
+def test_tls(tmp_path, env, corpus):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True, timeout=60)
+    state, port = tmp_path / "state", free_port()
+    peer_key = hived("keys", "add", "t", "--state-dir", str(state), env=env).stdout.strip()
+    coord = subprocess.Popen([sys.executable, "-m", "hived.cli", "serve", "--state-dir", str(state), "--port",
+                              str(port), "--data", str(corpus), "--tls-cert", str(cert), "--tls-key", str(key),
+                              "--inner-steps", "3", "--rounds", "2", *FAST], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1)
+        peer = subprocess.run([sys.executable, "-m", "hived.cli", "join", f"wss://127.0.0.1:{port}", "--key",
+                               peer_key, "--tls-ca", str(cert), "--max-rounds", "2"],
+                              env=env, capture_output=True, text=True, timeout=180)
+        assert peer.returncode == 0, peer.stderr[-2000:]
+        assert "left after 2 round(s)" in peer.stderr
+    finally:
+        coord.kill()
+        coord.wait(timeout=30)

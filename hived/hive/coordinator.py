@@ -398,7 +398,7 @@ class Coordinator:
         now = time.time()
         return {
             "role": "coordinator", "mode": self.hive.mode, "compression": self.hive.compression,
-            "round": self.round, "tokens": self.tokens,
+            "round": self.round, "tokens": self.tokens, "parameters": self.model.num_params(),
             "train_loss": last.get("train_loss"), "val_loss": last.get("val_loss"),
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "late_reports": self.late, "rejected_updates": self.rejected,
             "uptime": round(now - self.started, 1),

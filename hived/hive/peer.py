@@ -14,6 +14,7 @@ import json
 import logging
 import platform
 import random
+import ssl
 from dataclasses import dataclass
 
 import aiohttp
@@ -43,6 +44,7 @@ class PeerOptions:
     device: str = "auto"
     max_rounds: int = 0  # 0: until stopped
     max_backoff: float = 60.0
+    ca_file: str | None = None  # trust this certificate (a self-signed coordinator's)
 
 
 def device_description(device: torch.device) -> str:
@@ -140,11 +142,12 @@ class Peer:
     async def run(self) -> int:
         """Serve rounds until done; reconnect after any failure. Exit status: 0 done, 1 refused."""
         url = self.opts.url.rstrip("/") + "/ws/peer"
+        tls = ssl.create_default_context(cafile=self.opts.ca_file) if self.opts.ca_file else True
         attempt = 0
         async with aiohttp.ClientSession() as http:
             while True:
                 try:
-                    async with http.ws_connect(url, max_msg_size=MAX_FRAME_BYTES, heartbeat=30) as ws:
+                    async with http.ws_connect(url, max_msg_size=MAX_FRAME_BYTES, heartbeat=30, ssl=tls) as ws:
                         log.info("connected to %s", self.opts.url)
                         attempt = 0
                         if await self.session(ws):
