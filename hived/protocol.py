@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,9 @@ INT8_BLOCK = 256
 MAX_TEXT = 64  # names and device strings from peers
 COMPRESSIONS = ("fp32", "fp16", "bf16", "int8")
 
-_ZSTD_LEVEL = 3
+# Tensor payloads barely compress (fp16 weights: 1.09x at level 1, for 23 ms per 8 MB), so big
+# frames use zstd's fast level; small control frames compress well and cheaply (bench/hive.py).
+_ZSTD_SMALL, _ZSTD_BIG, _BIG = 3, -1, 1 << 20
 
 
 class ProtocolError(ValueError):
@@ -103,6 +106,7 @@ class Update:
     parts: int
     tokens: int
     loss: float
+    seconds: float  # the peer's compute time, so round overhead can be told apart from training
     tensors: dict = field(default_factory=dict)
 
 
@@ -125,8 +129,9 @@ _FIELD_TYPES = {"int": int, "str": str, "bool": bool, "dict": dict, "bytes": byt
 
 
 def encode(msg: Any) -> bytes:
-    payload = {"type": type(msg).__name__, **dataclasses.asdict(msg)}
-    return zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(msgpack.packb(payload, use_bin_type=True))
+    payload = {"type": type(msg).__name__, **{f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}}
+    raw = msgpack.packb(payload, use_bin_type=True)
+    return zstandard.ZstdCompressor(level=_ZSTD_BIG if len(raw) > _BIG else _ZSTD_SMALL).compress(raw)
 
 
 def decode(frame: bytes) -> Any:
@@ -169,22 +174,31 @@ def clean_text(text: str, limit: int = MAX_TEXT) -> str:
 
 def pack(t: torch.Tensor, compression: str = "fp32") -> dict:
     """A tensor as a msgpack-friendly map; int8 is blockwise with a scale per block."""
+    return _quantize(t, compression)[0]
+
+
+def _quantize(t: torch.Tensor, compression: str) -> tuple[dict, torch.Tensor | None]:
+    """The packed map, and (except for fp32) the values the receiver will decode, computed
+    without a round trip through bytes."""
     t = t.detach().to("cpu", torch.float32).contiguous()
     shape = list(t.shape)
     if compression == "fp32":
-        return {"dtype": "fp32", "shape": shape, "data": t.numpy().tobytes()}
+        return {"dtype": "fp32", "shape": shape, "data": t.numpy().tobytes()}, None
     if compression == "fp16":
-        return {"dtype": "fp16", "shape": shape, "data": t.half().numpy().tobytes()}
+        h = t.half()
+        return {"dtype": "fp16", "shape": shape, "data": h.numpy().tobytes()}, h.float()
     if compression == "bf16":
-        return {"dtype": "bf16", "shape": shape, "data": t.bfloat16().view(torch.int16).numpy().tobytes()}
+        b = t.bfloat16()
+        return {"dtype": "bf16", "shape": shape, "data": b.view(torch.int16).numpy().tobytes()}, b.float()
     if compression == "int8":
         flat = t.flatten()
         pad = (-flat.numel()) % INT8_BLOCK
         blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, INT8_BLOCK)
         scale = blocks.abs().amax(dim=1).clamp_min(1e-12) / 127.0
         q = torch.round(blocks / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        back = (q.float() * scale[:, None]).flatten()[: flat.numel()].view(t.shape)
         return {"dtype": "int8", "shape": shape, "data": q.numpy().tobytes(),
-                "scale": scale.numpy().tobytes()}
+                "scale": scale.numpy().tobytes()}, back
     raise ValueError(f"unknown compression {compression!r}; use one of {', '.join(COMPRESSIONS)}")
 
 
@@ -204,20 +218,26 @@ def unpack(d: Any) -> torch.Tensor:
     expected = blocks * INT8_BLOCK if kind == "int8" else n * itemsize
     if len(d["data"]) != expected:
         raise ProtocolError("tensor data does not match its shape")
+    # Read-only views of the received bytes; every branch below makes its own float32 copy.
     if kind == "fp32":
         out = torch.from_numpy(np.frombuffer(d["data"], dtype=np.float32).copy())
     elif kind == "fp16":
-        out = torch.from_numpy(np.frombuffer(d["data"], dtype=np.float16).copy()).float()
+        out = _view(d["data"], np.float16).float()
     elif kind == "bf16":
-        out = torch.from_numpy(np.frombuffer(d["data"], dtype=np.int16).copy()).view(torch.bfloat16).float()
+        out = _view(d["data"], np.int16).view(torch.bfloat16).float()
     else:
         scale = d.get("scale")
         if not isinstance(scale, bytes) or len(scale) != blocks * 4:
             raise ProtocolError("int8 tensor has no valid scales")
-        q = torch.from_numpy(np.frombuffer(d["data"], dtype=np.int8).copy()).view(blocks, INT8_BLOCK)
-        s = torch.from_numpy(np.frombuffer(scale, dtype=np.float32).copy())
-        out = (q.float() * s[:, None]).flatten()[:n]
+        q = _view(d["data"], np.int8).view(blocks, INT8_BLOCK)
+        out = (q.float() * _view(scale, np.float32)[:, None]).flatten()[:n]
     return out.view(shape)
+
+
+def _view(data: bytes, dtype) -> torch.Tensor:
+    with warnings.catch_warnings():  # torch warns that the buffer is read-only; it is only read
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.frombuffer(data, dtype=dtype))
 
 
 class ErrorFeedback:
@@ -235,9 +255,9 @@ class ErrorFeedback:
         t = t.detach().float().cpu()
         if self.compression == "fp32":
             return pack(t, "fp32")
-        target = t + self.residual.get(name, 0.0)
-        packed = pack(target, self.compression)
-        self.residual[name] = target - unpack(packed)
+        target = t + self.residual[name] if name in self.residual else t
+        packed, received = _quantize(target, self.compression)
+        self.residual[name] = target - received
         return packed
 
 

@@ -70,9 +70,9 @@ class UpdateGuard:
         for name, t in update.items():
             if t.shape != self.shapes[name]:
                 return None, "rejected", f"{name} has shape {tuple(t.shape)}, expected {tuple(self.shapes[name])}"
-        sq = sum(float(t.float().pow(2).sum()) for t in update.values())
-        norm = math.sqrt(sq) if math.isfinite(sq) else math.inf
-        if not math.isfinite(norm) or not all(torch.isfinite(t).all() for t in update.values()):
+        # One pass: a NaN or Inf anywhere makes the norm NaN or Inf.
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in update.values()])))
+        if not math.isfinite(norm):
             return None, "rejected", "NaN or Inf values"
         if norm > self.max_ratio * model_norm:
             return None, "rejected", f"norm {norm:.3g} exceeds {self.max_ratio:g}x the model's norm {model_norm:.3g}"
@@ -88,4 +88,4 @@ class UpdateGuard:
 
 
 def model_norm(params: Tensors) -> float:
-    return math.sqrt(sum(float(p.detach().float().pow(2).sum()) for p in params.values()))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach()) for p in params.values()])))

@@ -72,6 +72,7 @@ class Peer:
     strikes: int = 0
     tokens_per_sec: float = 0.0
     parts: dict[int, dict] = field(default_factory=dict)
+    parts_bytes: int = 0
     sent_at: float = 0.0
 
 
@@ -80,6 +81,7 @@ class Round:
     number: int
     expected: set[str]
     assigned: dict[str, int]  # peer id → tokens of work
+    model_norm: float = 0.0
     started: float = field(default_factory=time.time)
     reported: set[str] = field(default_factory=set)
     agg: WeightedMean = field(default_factory=WeightedMean)
@@ -89,6 +91,11 @@ class Round:
     rejected: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    broadcast: float = 0.0  # seconds to encode and send weights and work
+    aggregate: float = 0.0  # seconds spent decoding, checking and summing updates
+    compute: float = 0.0  # the slowest peer's own training time
+    apply: float = 0.0  # seconds for the outer optimizer step
+    closed: float = 0.0
 
 
 class FailedAttempts:
@@ -122,6 +129,7 @@ class Coordinator:
         self.trainer, self.data_key = build_trainer(run, None, self.events)
         self.model = self.trainer.model
         self.params = dict(self.model.named_parameters())
+        self.max_update_bytes = 2 * 4 * self.model.num_params() + (1 << 20)
         self.guard = UpdateGuard({k: p.shape for k, p in self.params.items()}, hive.max_update_ratio, hive.clip_factor)
         if hive.mode == "diloco":
             self.outer = torch.optim.SGD(self.model.parameters(), lr=hive.outer_lr, momentum=hive.outer_momentum,
@@ -218,11 +226,12 @@ class Coordinator:
     async def _run_round(self, peers: list[Peer]) -> Round:
         cfg = self.run.train
         per_peer = cfg.batch_size * cfg.grad_accum * (self.hive.inner_steps if self.hive.mode == "diloco" else 1)
+        block = self.trainer.model_cfg.block_size
+        rnd = Round(self.round, {p.id for p in peers}, {p.id: per_peer * block for p in peers},
+                    model_norm=model_norm(self.params))
         weights = {k: pack(p.data, self.hive.compression) for k, p in self.params.items()}
         parts = split(weights)
         frames = [encode(Weights(self.round, i, len(parts), part)) for i, part in enumerate(parts)]
-        block = self.trainer.model_cfg.block_size
-        rnd = Round(self.round, {p.id for p in peers}, {p.id: per_peer * block for p in peers})
         self.current = rnd
 
         async def send(peer: Peer) -> None:
@@ -236,6 +245,7 @@ class Coordinator:
                 rnd.expected.discard(peer.id)
 
         await asyncio.gather(*(send(p) for p in peers))
+        rnd.broadcast = time.time() - rnd.started
         deadline = rnd.started + self.hive.round_timeout
         while True:
             waiting = {i for i in rnd.expected - rnd.reported if i in self.peers and not self.peers[i].ws.closed}
@@ -251,6 +261,7 @@ class Coordinator:
             except asyncio.TimeoutError:
                 pass
         self.current = None
+        rnd.closed = time.time()
         for p in self.peers.values():
             if p.state == "working":
                 p.state = "idle"
@@ -259,6 +270,7 @@ class Coordinator:
         return rnd
 
     def _apply(self, rnd: Round) -> None:
+        t0 = time.time()
         update = rnd.agg.result()
         if self.hive.mode == "sync":
             for group in self.outer.param_groups:
@@ -269,6 +281,7 @@ class Coordinator:
         self.outer.zero_grad(set_to_none=True)
         self.round += 1
         self.tokens += sum(t for _, t in rnd.losses)
+        rnd.apply = time.time() - t0
 
     def _evaluate_and_save(self, rnd: Round) -> None:
         val = self.trainer.evaluate()["val_loss"]
@@ -277,7 +290,9 @@ class Coordinator:
             "round": self.round, "train_loss": loss, "val_loss": val, "tokens": self.tokens,
             "accepted": rnd.accepted, "clipped": rnd.clipped, "rejected": rnd.rejected,
             "peers": len(rnd.expected), "bytes_in": rnd.bytes_in, "bytes_out": rnd.bytes_out,
-            "seconds": round(time.time() - rnd.started, 3), "time": time.time(),
+            "seconds": round(rnd.closed - rnd.started, 4), "broadcast": round(rnd.broadcast, 4),
+            "aggregate": round(rnd.aggregate, 4), "apply": round(rnd.apply, 4), "compute": round(rnd.compute, 4),
+            "time": time.time(),
         }
         self.history.append(record)
         self.events.emit("round", **record)
@@ -324,11 +339,12 @@ class Coordinator:
                 peer.id, self.hive.mode, self.hive.compression, dataclasses.asdict(self.trainer.model_cfg),
                 self._peer_train_config(), self.trainer.tokenizer.to_json(), self.round)))
             self.changed.set()
+            loop = asyncio.get_running_loop()
             async for msg in ws:
                 peer.last_seen = time.time()
                 if msg.type != WSMsgType.BINARY:
                     raise ProtocolError("only binary frames are accepted")
-                m = decode(msg.data)
+                m = await loop.run_in_executor(None, decode, msg.data)  # peers' updates decode in parallel
                 if isinstance(m, Update):
                     await self._receive(peer, m, len(msg.data))
                 elif isinstance(m, Bye):
@@ -351,10 +367,13 @@ class Coordinator:
     async def _receive(self, peer: Peer, m: Update, size: int) -> None:
         if not 0 < m.parts <= 4096 or not 0 <= m.part < m.parts:
             raise ProtocolError("bad part numbering")
+        peer.parts_bytes += size
+        if peer.parts_bytes > self.max_update_bytes:  # no honest update is larger than the model in fp32
+            raise ProtocolError("update larger than the model")
         peer.parts[m.part] = m.tensors
         if len(peer.parts) < m.parts:
             return
-        tensors_raw, peer.parts = peer.parts, {}
+        tensors_raw, peer.parts, peer.parts_bytes = peer.parts, {}, 0
         rnd = self.current
         if rnd is not None:
             rnd.bytes_in += size
@@ -362,9 +381,14 @@ class Coordinator:
             self.late += 1
             await peer.ws.send_bytes(encode(Ack(m.round, "late", "the round had closed")))
             return
+        t0 = time.time()
         packed = {name: d for part in tensors_raw.values() for name, d in part.items()}
-        update = {name: unpack(d) for name, d in packed.items()}
-        used, status, detail = self.guard.check(update, model_norm(self.params))
+        used, status, detail = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self.guard.check({name: unpack(d) for name, d in packed.items()}, rnd.model_norm))
+        if rnd is not self.current or peer.id in rnd.reported:  # the round closed while this was checked
+            self.late += 1
+            await peer.ws.send_bytes(encode(Ack(m.round, "late", "the round had closed")))
+            return
         rnd.reported.add(peer.id)
         if used is None:
             rnd.rejected += 1
@@ -385,6 +409,8 @@ class Coordinator:
             entry["tokens"] += tokens
             if status == "clipped":
                 log.warning("clipped an update from %s: %s", peer.name, detail)
+        rnd.aggregate += time.time() - t0
+        rnd.compute = max(rnd.compute, m.seconds if math.isfinite(m.seconds) else 0.0)
         await peer.ws.send_bytes(encode(Ack(m.round, status, detail)))
         self.changed.set()
         if peer.strikes >= self.hive.max_strikes:

@@ -15,6 +15,7 @@ import logging
 import platform
 import random
 import ssl
+import time
 from dataclasses import dataclass
 
 import aiohttp
@@ -79,6 +80,7 @@ class Peer:
 
     def work(self, weights: dict[str, torch.Tensor], work: Work) -> Update:
         """Train on one round's windows from the given weights; return the update (runs in a thread)."""
+        t0 = time.perf_counter()
         trainer = self.trainer
         params = dict(trainer.model.named_parameters())
         if set(weights) != set(params):
@@ -100,7 +102,7 @@ class Peer:
             delta, loss = trainer.gradients()
         tensors = {k: self.feedback.pack(k, v) for k, v in delta.items()}
         tokens = work.count * trainer.model_cfg.block_size
-        return Update(work.round, 0, 1, tokens, loss, tensors)
+        return Update(work.round, 0, 1, tokens, loss, time.perf_counter() - t0, tensors)
 
     async def session(self, ws: aiohttp.ClientWebSocketResponse) -> bool:
         """One connection; True when the peer is done (max rounds reached)."""
@@ -127,7 +129,8 @@ class Peer:
                 update = await loop.run_in_executor(None, self.work, weights, m)
                 parts = split(update.tensors)
                 for i, part in enumerate(parts):
-                    await ws.send_bytes(encode(Update(update.round, i, len(parts), update.tokens, update.loss, part)))
+                    await ws.send_bytes(encode(Update(update.round, i, len(parts), update.tokens, update.loss, update.seconds,
+                                                         part)))
                 log.info("round %d: loss %.4f, sent %d part(s)", m.round + 1, update.loss, len(parts))
             elif isinstance(m, Ack):
                 if m.status != "accepted":

@@ -1,0 +1,152 @@
+"""Hive round overhead and bytes on the wire, per compression, with real processes on loopback.
+
+A coordinator (`hived serve`) and two peers (`hived join`) train a 4.2M-parameter model (6
+layers, width 240) with one tiny step per round, so a round is almost all communication. For
+each round the coordinator records its phases; the overhead is the round's wall time minus the
+slowest peer's own compute time, i.e. broadcast + upload + aggregate (and the outer step).
+
+    python bench/hive.py [--rounds 12] [--compressions fp32 fp16 bf16 int8]
+    python bench/hive.py --convergence ../shared/data/tinyshakespeare.txt
+
+--convergence trains the 1m preset on a corpus twice with the same number of tokens: with two
+diloco peers (50 inner steps a round) and as a single `hived train` process, and reports both
+final validation losses (whole split) and the bytes sent per token trained, for diloco and sync.
+
+Evaluation after each round runs in a background thread; it is kept small here (--eval-tokens)
+so it does not compete with the rounds for this 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from hived.hive.keys import KeyStore
+
+MODEL = "[model]\nn_layer = 6\nn_head = 8\nn_embd = 240\nblock_size = 64\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def status(port: int) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=5) as r:
+            return json.load(r)
+    except OSError:
+        return None
+
+
+CLI = [sys.executable, "-m", "hived.cli"]
+
+
+def run_hive(serve_args: list[str], rounds: int, peers: int, timeout: float = 1800) -> dict:
+    """A coordinator and ``peers`` peers until ``rounds`` rounds are done; the final status."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        key = KeyStore(tmp / "state").add("bench")
+        (tmp / "run.toml").write_text(MODEL)
+        port = free_port()
+        env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache")}
+        cfg = [a.replace("{run.toml}", str(tmp / "run.toml")) for a in serve_args]
+        procs = [subprocess.Popen([*CLI, "serve", "--state-dir", str(tmp / "state"), "--port", str(port),
+                                   "--min-peers", str(peers), "--rounds", str(rounds), "--checkpoint-interval",
+                                   "100000", *cfg], env=env, stderr=subprocess.DEVNULL)]
+        try:
+            while status(port) is None:
+                if procs[0].poll() is not None:
+                    raise RuntimeError("the coordinator did not start")
+                time.sleep(0.2)
+            procs += [subprocess.Popen([*CLI, "join", f"ws://127.0.0.1:{port}", "--key", key, "--name", f"p{i}",
+                                        "--max-rounds", str(rounds)], env=env, stderr=subprocess.DEVNULL)
+                      for i in range(peers)]
+            deadline = time.time() + timeout
+            while (s := status(port)) is None or len(s["history"]) < rounds:
+                if time.time() > deadline:
+                    raise TimeoutError(f"{rounds} rounds did not finish in {timeout:.0f} s")
+                time.sleep(0.5)
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+    return s
+
+
+def measure(compression: str, rounds: int, warmup: int, peers: int) -> dict:
+    s = run_hive(["--config", "{run.toml}", "--compression", compression, "--inner-steps", "1", "--batch-size", "1",
+                  "--eval-tokens", "1024"], rounds + warmup, peers, timeout=600)
+    hist = s["history"][warmup:]
+    med = lambda key: statistics.median(r[key] for r in hist)  # noqa: E731
+    overhead = statistics.median(r["seconds"] - r["compute"] + r["apply"] for r in hist)
+    return {
+        "compression": compression, "parameters": s["parameters"], "rounds": len(hist),
+        "round_s": med("seconds"), "peer_compute_s": med("compute"), "overhead_s": overhead,
+        "broadcast_s": med("broadcast"), "aggregate_s": med("aggregate"), "apply_s": med("apply"),
+        "up_bytes_per_peer": med("bytes_in") / peers, "down_bytes_per_peer": med("bytes_out") / peers,
+    }
+
+
+def convergence(data: str, rounds: int, sync_rounds: int) -> None:
+    inner, batch, block, peers = 50, 8, 64, 2
+    tokens = rounds * peers * inner * batch * block
+    steps = tokens // (batch * block)
+    common = ["--data", data, "--preset", "1m"]
+    t0 = time.time()
+    hive = run_hive([*common, "--mode", "diloco", "--inner-steps", str(inner)], rounds, peers)
+    hive_s = time.time() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.time()
+        subprocess.run([*CLI, "train", *common, "--steps", str(steps), "--eval-interval", str(steps),
+                        "--sample-interval", str(steps), "--out", f"{tmp}/run"], check=True,
+                       env={**os.environ, "XDG_CACHE_HOME": f"{tmp}/cache"}, stderr=subprocess.DEVNULL)
+        local_s = time.time() - t0
+        local = [json.loads(x) for x in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()][-1]["val_loss"]
+    sync = run_hive([*common, "--mode", "sync"], sync_rounds, peers)
+    h = hive["history"][-1]["val_loss"]
+    print(f"tokens trained: {hive['tokens']:,} (hive) and {steps * batch * block:,} (single process)")
+    print(f"diloco, {peers} peers x {inner} inner steps x {rounds} rounds: val loss {h:.4f} ({hive_s:.0f} s wall)")
+    print(f"single process, {steps} steps: val loss {local:.4f} ({local_s:.0f} s wall)")
+    print(f"diloco / single = {h / local:.4f} (target: within 3%, <= 1.03)")
+    for name, s in (("diloco", hive), ("sync", sync)):
+        print(f"{name}: {(s['bytes_in'] + s['bytes_out']) / s['tokens']:,.1f} bytes on the wire per token trained "
+              f"({s['compression']})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--peers", type=int, default=2)
+    p.add_argument("--compressions", nargs="+", default=["fp32", "fp16", "bf16", "int8"])
+    p.add_argument("--convergence", metavar="CORPUS", help="compare a 2-peer diloco run with a single process")
+    p.add_argument("--sync-rounds", type=int, default=30)
+    args = p.parse_args()
+    if args.convergence:
+        return convergence(args.convergence, args.rounds, args.sync_rounds)
+    rows = [measure(c, args.rounds, args.warmup, args.peers) for c in args.compressions]
+    raw = rows[0]["parameters"] * 4
+    print(f"{rows[0]['parameters']:,} parameters, {args.peers} peers, medians over {args.rounds} rounds; "
+          f"raw fp32 = {raw / 1e6:.1f} MB per direction per peer")
+    print("compression  round s  peer compute s  overhead s  (broadcast  aggregate  apply)  "
+          "up MB/peer  down MB/peer  up vs fp32  both vs fp32")
+    for r in rows:
+        up, down = r["up_bytes_per_peer"], r["down_bytes_per_peer"]
+        print(f"{r['compression']:11s}  {r['round_s']:7.3f}  {r['peer_compute_s']:14.3f}  {r['overhead_s']:10.3f}  "
+              f"({r['broadcast_s']:9.3f}  {r['aggregate_s']:9.3f}  {r['apply_s']:5.3f})  {up / 1e6:10.2f}  "
+              f"{down / 1e6:12.2f}  {raw / up:9.2f}x  {2 * raw / (up + down):11.2f}x")
+
+
+if __name__ == "__main__":
+    main()
