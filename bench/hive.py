@@ -7,6 +7,11 @@ slowest peer's own compute time, i.e. broadcast + upload + aggregate (and the ou
 
     python bench/hive.py [--rounds 12] [--compressions fp32 fp16 bf16 int8]
     python bench/hive.py --convergence ../shared/data/tinyshakespeare.txt
+    python bench/hive.py --scale 8 64 256
+
+--scale runs one coordinator (10m preset, int8) against N simulated peers (asyncio connections
+in one separate process that answer every round with a precomputed update) and reports the round
+time and the coordinator's peak memory (VmHWM) for each N.
 
 --convergence trains the 1m preset on a corpus twice with the same number of tokens: with two
 diloco peers (50 inner steps a round) and as a single `hived train` process, and reports both
@@ -19,6 +24,7 @@ so it does not compete with the rounds for this 2-core machine.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import socket
@@ -124,7 +130,92 @@ def convergence(data: str, rounds: int, sync_rounds: int) -> None:
               f"({s['compression']})")
 
 
+async def simulate(url: str, key: str, n: int) -> None:
+    """N light peers: real connections and real protocol, precomputed updates."""
+    import aiohttp
+    import torch
+
+    from hived.config import ModelConfig
+    from hived.model import GPT
+    from hived.protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Go, Hello, Ready, Update, Welcome, Work, decode,
+                                encode, pack, split)
+
+    update: dict = {}  # the precomputed update, the same for every peer
+    cache: dict[int, list[bytes]] = {}  # its frames for the current round, encoded once
+
+    def frames(rnd: int) -> list[bytes]:
+        if rnd not in cache:
+            cache.clear()
+            parts = split(update)
+            cache[rnd] = [encode(Update(rnd, i, len(parts), 257, 3.0, 0.01, part)) for i, part in enumerate(parts)]
+        return cache[rnd]
+
+    async def peer(i: int, http: aiohttp.ClientSession) -> None:
+        async with http.ws_connect(url + "/ws/peer", max_msg_size=MAX_FRAME_BYTES, heartbeat=None) as ws:
+            await ws.send_bytes(encode(Hello(PROTOCOL_VERSION, key, f"sim{i}", "simulated")))
+            async for msg in ws:
+                if len(msg.data) > 1 << 20:
+                    continue  # a weights part: a simulated peer does not need them
+                m = decode(msg.data)
+                if isinstance(m, Welcome) and not update:
+                    torch.manual_seed(0)
+                    update.update({k: pack(torch.randn(p.shape) * 1e-4, m.compression)
+                                   for k, p in GPT(ModelConfig(**m.model_config)).named_parameters()})
+                elif isinstance(m, Work):
+                    await ws.send_bytes(encode(Ready(m.round)))
+                elif isinstance(m, Go):
+                    for frame in frames(m.round):
+                        await ws.send_bytes(frame)
+
+    async with aiohttp.ClientSession() as http:
+        await asyncio.gather(*(peer(i, http) for i in range(n)), return_exceptions=True)
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def scale(counts: list[int], rounds: int) -> None:
+    print("peers  round s (median)  coordinator peak RSS MB  RSS before peers MB")
+    for n in counts:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            key = KeyStore(tmp / "state").add("bench")
+            port = free_port()
+            env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache")}
+            coord = subprocess.Popen([*CLI, "serve", "--state-dir", str(tmp / "state"), "--port", str(port),
+                                      "--preset", "10m", "--compression", "int8", "--inner-steps", "1",
+                                      "--batch-size", "1", "--min-peers", str(n), "--rounds", str(rounds),
+                                      "--eval-tokens", "1024", "--round-timeout", "900",
+                                      "--checkpoint-interval", "100000"], env=env, stderr=subprocess.DEVNULL)
+            sim = None
+            try:
+                while status(port) is None:
+                    time.sleep(0.2)
+                before = peak_rss_mb(coord.pid)
+                sim = subprocess.Popen([sys.executable, __file__, "--simulate", f"ws://127.0.0.1:{port}", key, str(n)],
+                                       env=env, stderr=subprocess.DEVNULL)
+                deadline = time.time() + 1800
+                while (s := status(port)) is None or len(s["history"]) < rounds:
+                    if time.time() > deadline:
+                        raise TimeoutError("scale rounds did not finish")
+                    time.sleep(1)
+                peak = peak_rss_mb(coord.pid)
+            finally:
+                for p in (coord, sim):
+                    if p is not None:
+                        p.kill()
+                        p.wait()
+        secs = statistics.median(r["seconds"] for r in s["history"])
+        print(f"{n:5d}  {secs:16.2f}  {peak:23.0f}  {before:19.0f}", flush=True)
+
+
 def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--simulate":
+        return asyncio.run(simulate(sys.argv[2], sys.argv[3], int(sys.argv[4])))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
@@ -132,7 +223,10 @@ def main() -> None:
     p.add_argument("--compressions", nargs="+", default=["fp32", "fp16", "bf16", "int8"])
     p.add_argument("--convergence", metavar="CORPUS", help="compare a 2-peer diloco run with a single process")
     p.add_argument("--sync-rounds", type=int, default=30)
+    p.add_argument("--scale", type=int, nargs="+", metavar="N", help="simulated peer counts")
     args = p.parse_args()
+    if args.scale:
+        return scale(args.scale, args.rounds if args.rounds != 12 else 3)
     if args.convergence:
         return convergence(args.convergence, args.rounds, args.sync_rounds)
     rows = [measure(c, args.rounds, args.warmup, args.peers) for c in args.compressions]

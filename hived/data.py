@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_bytes
 from .config import TrainConfig
 from .tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 from .tokenizer import load as load_tokenizer

@@ -27,7 +27,7 @@ import zstandard
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 64 << 20  # compressed, as received
 MAX_MESSAGE_BYTES = 256 << 20  # after decompression
-CHUNK_BYTES = 16 << 20  # tensor payload per frame when a message is split
+CHUNK_BYTES = 4 << 20  # tensor payload per frame when a message is split
 INT8_BLOCK = 256
 MAX_TEXT = 64  # names and device strings from peers
 COMPRESSIONS = ("fp32", "fp16", "bf16", "int8")
@@ -95,6 +95,22 @@ class Work:
     dtype: str
     windows: bytes
     steps: int  # optimizer steps (diloco: inner steps; sync: 1)
+    first_step: int  # position of the first of them in the hive's learning-rate schedule
+
+
+@dataclass
+class Ready:
+    """Peer → coordinator: my update for ``round`` is computed; tell me when to send it."""
+
+    round: int
+
+
+@dataclass
+class Go:
+    """Coordinator → peer: send your update now. Uploads are admitted a few at a time, so the
+    coordinator's memory stays flat however many peers finish at once."""
+
+    round: int
 
 
 @dataclass
@@ -124,7 +140,8 @@ class Bye:
     reason: str = ""
 
 
-MESSAGES: dict[str, type] = {cls.__name__: cls for cls in (Hello, Welcome, Refused, Weights, Work, Update, Ack, Bye)}
+MESSAGES: dict[str, type] = {cls.__name__: cls for cls in (Hello, Welcome, Refused, Weights, Work, Ready, Go, Update,
+                                                            Ack, Bye)}
 _FIELD_TYPES = {"int": int, "str": str, "bool": bool, "dict": dict, "bytes": bytes, "float": (float, int)}
 
 

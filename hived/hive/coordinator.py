@@ -28,11 +28,11 @@ import torch
 from aiohttp import WSMsgType, web
 
 from .. import checkpoint
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig, TrainConfig
 from ..events import Events
 from ..local import build_trainer
-from ..protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Ack, Bye, Hello, ProtocolError, Refused, Update, Weights,
-                        Welcome, Work, clean_text, decode, encode, pack, split, unpack)
+from ..protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Ack, Bye, Go, Hello, ProtocolError, Ready, Refused, Update,
+                        Weights, Welcome, Work, clean_text, decode, encode, pack, split, unpack)
 from ..trainer import lr_at, make_optimizer
 from .aggregation import UpdateGuard, WeightedMean, model_norm
 from .keys import KeyStore
@@ -54,6 +54,16 @@ class HiveConfig:
     max_update_ratio: float = 1.0
     clip_factor: float = 5.0
     max_strikes: int = 3
+    upload_slots: int = 4  # updates received at once: bounds memory whatever the number of peers
+    send_slots: int = 16  # weight frames being sent at once, likewise
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("diloco", "sync"):
+            raise ConfigError("--mode is diloco or sync")
+        if self.outer_lr <= 0 or not 0 <= self.outer_momentum < 1:
+            raise ConfigError("--outer-lr must be positive and --outer-momentum in [0, 1)")
+        if self.inner_steps < 1 or self.min_peers < 1 or self.round_timeout <= 0:
+            raise ConfigError("--inner-steps and --min-peers must be at least 1, --round-timeout positive")
 
 
 @dataclass
@@ -91,6 +101,8 @@ class Round:
     rejected: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    waiting: deque[str] = field(default_factory=deque)  # peers ready to upload, in order
+    uploading: set[str] = field(default_factory=set)  # peers told to upload now
     broadcast: float = 0.0  # seconds to encode and send weights and work
     aggregate: float = 0.0  # seconds spent decoding, checking and summing updates
     compute: float = 0.0  # the slowest peer's own training time
@@ -131,9 +143,10 @@ class Coordinator:
         self.params = dict(self.model.named_parameters())
         self.max_update_bytes = 2 * 4 * self.model.num_params() + (1 << 20)
         self.guard = UpdateGuard({k: p.shape for k, p in self.params.items()}, hive.max_update_ratio, hive.clip_factor)
+        self.schedule = self._schedule()
         if hive.mode == "diloco":
             self.outer = torch.optim.SGD(self.model.parameters(), lr=hive.outer_lr, momentum=hive.outer_momentum,
-                                         nesterov=True)
+                                         nesterov=hive.outer_momentum > 0)
         else:
             self.outer = make_optimizer(self.model, run.train, self.trainer.device)
         self.round = 0
@@ -148,6 +161,7 @@ class Coordinator:
         self.peers: dict[str, Peer] = {}
         self.current: Round | None = None
         self.changed = asyncio.Event()
+        self.sending = asyncio.Semaphore(hive.send_slots)
         self.started = time.time()
         if state:
             self._restore(state)
@@ -188,19 +202,27 @@ class Coordinator:
 
     # ----------------------------------------------------------------- rounds
 
+    def _steps_per_round(self) -> int:
+        return self.hive.inner_steps if self.hive.mode == "diloco" else 1
+
+    def _schedule(self) -> TrainConfig:
+        """The learning-rate schedule of the whole hive, in optimizer steps (inner steps in diloco,
+        rounds in sync). With --rounds its length is known and the configured schedule (WSD by
+        default) runs over it; an open-ended hive keeps a constant rate after warmup."""
+        if self.hive.rounds:
+            return dataclasses.replace(self.run.train, steps=self.hive.rounds * self._steps_per_round())
+        return dataclasses.replace(self.run.train, lr_schedule="constant")
+
     def _peer_train_config(self) -> dict:
-        """The trainer settings peers run: the inner learning rate stays constant after warmup,
-        because a peer cannot know how long the hive will run."""
-        cfg = dataclasses.asdict(self.run.train)
-        cfg.update(lr_schedule="constant", data=[], out="", resume=False, device="auto", cache_dir="",
-                   compile=False)
+        cfg = dataclasses.asdict(self.schedule)
+        cfg.update(data=[], out="", resume=False, device="auto", cache_dir="", compile=False)
         return cfg
 
     def _work(self, rnd: int, count: int) -> Work:
         data = self.trainer.data
         rows = data.train[data.offsets(self.cursor, count)[:, None] + np.arange(data.block_size + 1)]
         work = Work(round=rnd, start=self.cursor, count=count, dtype=rows.dtype.name, windows=rows.tobytes(),
-                    steps=self.hive.inner_steps if self.hive.mode == "diloco" else 1)
+                    steps=self._steps_per_round(), first_step=rnd * self._steps_per_round())
         self.cursor += count
         return work
 
@@ -225,7 +247,7 @@ class Coordinator:
 
     async def _run_round(self, peers: list[Peer]) -> Round:
         cfg = self.run.train
-        per_peer = cfg.batch_size * cfg.grad_accum * (self.hive.inner_steps if self.hive.mode == "diloco" else 1)
+        per_peer = cfg.batch_size * cfg.grad_accum * self._steps_per_round()
         block = self.trainer.model_cfg.block_size
         rnd = Round(self.round, {p.id for p in peers}, {p.id: per_peer * block for p in peers},
                     model_norm=model_norm(self.params))
@@ -238,7 +260,8 @@ class Coordinator:
             work = encode(self._work(rnd.number, per_peer))
             try:
                 for frame in (*frames, work):
-                    await peer.ws.send_bytes(frame)
+                    async with self.sending:  # frames are shared; only a bounded number sit in buffers
+                        await peer.ws.send_bytes(frame)
                     rnd.bytes_out += len(frame)
                 peer.state, peer.sent_at = "working", time.time()
             except (ConnectionError, RuntimeError):
@@ -274,7 +297,7 @@ class Coordinator:
         update = rnd.agg.result()
         if self.hive.mode == "sync":
             for group in self.outer.param_groups:
-                group["lr"] = lr_at(self.run.train, self.round)
+                group["lr"] = lr_at(self.schedule, self.round)
         for name, p in self.params.items():
             p.grad = update[name].to(p.device, p.dtype)
         self.outer.step()
@@ -347,6 +370,8 @@ class Coordinator:
                 m = await loop.run_in_executor(None, decode, msg.data)  # peers' updates decode in parallel
                 if isinstance(m, Update):
                     await self._receive(peer, m, len(msg.data))
+                elif isinstance(m, Ready):
+                    await self._ready(peer, m)
                 elif isinstance(m, Bye):
                     break
                 else:
@@ -356,6 +381,9 @@ class Coordinator:
             await ws.close(code=1002, message=str(exc).encode()[:120])
         finally:
             self.peers.pop(peer.id, None)
+            if self.current is not None:
+                self.current.uploading.discard(peer.id)
+                await self._grant(self.current)
             self.changed.set()
             log.info("peer %s left", peer.name)
         return ws
@@ -364,9 +392,33 @@ class Coordinator:
         await ws.send_bytes(encode(Refused(reason, final)))
         await ws.close(code=4001 if final else 4002, message=reason.encode()[:120])
 
+    async def _ready(self, peer: Peer, m: Ready) -> None:
+        rnd = self.current
+        if rnd is None or m.round != rnd.number or peer.id not in rnd.expected or peer.id in rnd.reported:
+            self.late += 1
+            await peer.ws.send_bytes(encode(Ack(m.round, "late", "the round had closed")))
+            return
+        rnd.waiting.append(peer.id)
+        await self._grant(rnd)
+
+    async def _grant(self, rnd: Round) -> None:
+        """Let waiting peers upload while fewer than ``upload_slots`` uploads are under way."""
+        while rnd.waiting and len(rnd.uploading) < self.hive.upload_slots:
+            peer = self.peers.get(rnd.waiting.popleft())
+            if peer is None or peer.ws.closed:
+                continue
+            rnd.uploading.add(peer.id)
+            try:
+                await peer.ws.send_bytes(encode(Go(rnd.number)))
+            except (ConnectionError, RuntimeError):
+                rnd.uploading.discard(peer.id)
+
     async def _receive(self, peer: Peer, m: Update, size: int) -> None:
         if not 0 < m.parts <= 4096 or not 0 <= m.part < m.parts:
             raise ProtocolError("bad part numbering")
+        current = self.current
+        if current is not None and m.round == current.number and peer.id not in current.uploading:
+            raise ProtocolError("an update must wait for the coordinator's Go")
         peer.parts_bytes += size
         if peer.parts_bytes > self.max_update_bytes:  # no honest update is larger than the model in fp32
             raise ProtocolError("update larger than the model")
@@ -375,6 +427,9 @@ class Coordinator:
             return
         tensors_raw, peer.parts, peer.parts_bytes = peer.parts, {}, 0
         rnd = self.current
+        if rnd is not None and peer.id in rnd.uploading:
+            rnd.uploading.discard(peer.id)
+            await self._grant(rnd)
         if rnd is not None:
             rnd.bytes_in += size
         if rnd is None or m.round != rnd.number or peer.id not in rnd.expected or peer.id in rnd.reported:

@@ -25,8 +25,8 @@ import torch
 from ..config import ModelConfig, TrainConfig, build
 from ..data import Windows
 from ..device import pick_device
-from ..protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Ack, Bye, ErrorFeedback, Hello, ProtocolError, Refused,
-                        Update, Weights, Welcome, Work, decode, encode, split, unpack)
+from ..protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Ack, Bye, ErrorFeedback, Go, Hello, ProtocolError, Ready,
+                        Refused, Update, Weights, Welcome, Work, decode, encode, split, unpack)
 from ..tokenizer import from_json
 from ..trainer import Trainer
 
@@ -93,6 +93,7 @@ class Peer:
             raise ProtocolError("work windows do not match the model's context")
         trainer.data = Windows(rows, work.start)
         trainer.cursor = work.start
+        trainer.step = work.first_step  # the coordinator drives the learning-rate schedule
         if self.mode == "diloco":
             start = {k: p.detach().clone() for k, p in params.items()}
             losses = [trainer.train_step()["loss"] for _ in range(work.steps)]
@@ -110,6 +111,7 @@ class Peer:
         await ws.send_bytes(encode(Hello(PROTOCOL_VERSION, self.opts.key, self.opts.name,
                                          device_description(self.device))))
         weights: dict[str, torch.Tensor] = {}
+        pending: Update | None = None  # computed, waiting for the coordinator's Go
         async for msg in ws:
             if msg.type != aiohttp.WSMsgType.BINARY:
                 break
@@ -126,12 +128,15 @@ class Peer:
                     weights = {}
                 weights.update({k: unpack(d) for k, d in m.tensors.items()})
             elif isinstance(m, Work):
-                update = await loop.run_in_executor(None, self.work, weights, m)
-                parts = split(update.tensors)
+                pending = await loop.run_in_executor(None, self.work, weights, m)
+                await ws.send_bytes(encode(Ready(m.round)))
+            elif isinstance(m, Go) and pending is not None and pending.round == m.round:
+                parts = split(pending.tensors)
                 for i, part in enumerate(parts):
-                    await ws.send_bytes(encode(Update(update.round, i, len(parts), update.tokens, update.loss, update.seconds,
-                                                         part)))
-                log.info("round %d: loss %.4f, sent %d part(s)", m.round + 1, update.loss, len(parts))
+                    await ws.send_bytes(encode(Update(pending.round, i, len(parts), pending.tokens, pending.loss,
+                                                      pending.seconds, part)))
+                log.info("round %d: loss %.4f, sent %d part(s)", m.round + 1, pending.loss, len(parts))
+                pending = None
             elif isinstance(m, Ack):
                 if m.status != "accepted":
                     log.warning("round %d: update %s %s", m.round + 1, m.status, m.detail)
