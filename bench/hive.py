@@ -6,7 +6,9 @@ each round the coordinator records its phases; the overhead is the round's wall 
 slowest peer's own compute time, i.e. broadcast + upload + aggregate (and the outer step).
 
     python bench/hive.py [--rounds 12] [--compressions fp32 fp16 bf16 int8]
-    python bench/hive.py --convergence ../shared/data/tinyshakespeare.txt
+    python bench/hive.py --convergence ../shared/data/tinyshakespeare.txt --rounds 10
+    python bench/hive.py --convergence ../shared/data/tinyshakespeare.txt --rounds 50 --inner-steps 10 \
+        --outer-lr 1.0 --outer-momentum 0
     python bench/hive.py --scale 8 64 256
 
 --scale runs one coordinator (10m preset, int8) against N simulated peers (asyncio connections
@@ -104,13 +106,14 @@ def measure(compression: str, rounds: int, warmup: int, peers: int) -> dict:
     }
 
 
-def convergence(data: str, rounds: int, sync_rounds: int) -> None:
-    inner, batch, block, peers = 50, 8, 64, 2
+def convergence(data: str, rounds: int, sync_rounds: int, inner: int, outer_lr: float, outer_momentum: float) -> None:
+    batch, block, peers = 8, 64, 2
     tokens = rounds * peers * inner * batch * block
     steps = tokens // (batch * block)
     common = ["--data", data, "--preset", "1m"]
     t0 = time.time()
-    hive = run_hive([*common, "--mode", "diloco", "--inner-steps", str(inner)], rounds, peers)
+    hive = run_hive([*common, "--mode", "diloco", "--inner-steps", str(inner), "--outer-lr", str(outer_lr),
+                     "--outer-momentum", str(outer_momentum)], rounds, peers)
     hive_s = time.time() - t0
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
@@ -122,7 +125,8 @@ def convergence(data: str, rounds: int, sync_rounds: int) -> None:
     sync = run_hive([*common, "--mode", "sync"], sync_rounds, peers)
     h = hive["history"][-1]["val_loss"]
     print(f"tokens trained: {hive['tokens']:,} (hive) and {steps * batch * block:,} (single process)")
-    print(f"diloco, {peers} peers x {inner} inner steps x {rounds} rounds: val loss {h:.4f} ({hive_s:.0f} s wall)")
+    print(f"diloco, {peers} peers x {inner} inner steps x {rounds} rounds, outer lr {outer_lr} momentum "
+          f"{outer_momentum}: val loss {h:.4f} ({hive_s:.0f} s wall)")
     print(f"single process, {steps} steps: val loss {local:.4f} ({local_s:.0f} s wall)")
     print(f"diloco / single = {h / local:.4f} (target: within 3%, <= 1.03)")
     for name, s in (("diloco", hive), ("sync", sync)):
@@ -223,12 +227,16 @@ def main() -> None:
     p.add_argument("--compressions", nargs="+", default=["fp32", "fp16", "bf16", "int8"])
     p.add_argument("--convergence", metavar="CORPUS", help="compare a 2-peer diloco run with a single process")
     p.add_argument("--sync-rounds", type=int, default=30)
+    p.add_argument("--inner-steps", type=int, default=50)
+    p.add_argument("--outer-lr", type=float, default=0.7)
+    p.add_argument("--outer-momentum", type=float, default=0.9)
     p.add_argument("--scale", type=int, nargs="+", metavar="N", help="simulated peer counts")
     args = p.parse_args()
     if args.scale:
         return scale(args.scale, args.rounds if args.rounds != 12 else 3)
     if args.convergence:
-        return convergence(args.convergence, args.rounds, args.sync_rounds)
+        return convergence(args.convergence, args.rounds, args.sync_rounds, args.inner_steps, args.outer_lr,
+                           args.outer_momentum)
     rows = [measure(c, args.rounds, args.warmup, args.peers) for c in args.compressions]
     raw = rows[0]["parameters"] * 4
     print(f"{rows[0]['parameters']:,} parameters, {args.peers} peers, medians over {args.rounds} rounds; "

@@ -241,13 +241,16 @@ STATE_DIR = click.option("--state-dir", type=click.Path(file_okay=False), requir
 @click.option("--round-timeout", type=float, default=120.0, show_default=True, help="seconds")
 @click.option("--min-peers", type=int, default=1, show_default=True)
 @click.option("--rounds", type=int, default=0, help="stop after this many rounds (0: never)")
+@click.option("--upload-slots", type=int, default=4, show_default=True,
+              help="updates received at once (bounds memory, whatever the number of peers)")
 @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), help="serve wss:// with this certificate")
 @click.option("--tls-key", type=click.Path(dir_okay=False, exists=True))
 @train_options
 @user_errors
 def serve(role: str, state_dir: str, host: str, port: int, tls_cert: str | None, tls_key: str | None,
           config_file: str | None, mode: str, inner_steps: int, compression: str, outer_lr: float,
-          outer_momentum: float, round_timeout: float, min_peers: int, rounds: int, **flags) -> None:
+          outer_momentum: float, round_timeout: float, min_peers: int, rounds: int, upload_slots: int,
+          **flags) -> None:
     """Run the daemon: a hive coordinator that peers join with `hived join`."""
     import ssl
 
@@ -262,7 +265,8 @@ def serve(role: str, state_dir: str, host: str, port: int, tls_cert: str | None,
         flags["checkpoint_interval"] = 10  # rounds, for a coordinator
     run = resolve(flags, config_file)
     hive = HiveConfig(mode=mode, inner_steps=inner_steps, compression=compression, outer_lr=outer_lr,
-                      outer_momentum=outer_momentum, round_timeout=round_timeout, min_peers=min_peers, rounds=rounds)
+                      outer_momentum=outer_momentum, round_timeout=round_timeout, min_peers=min_peers, rounds=rounds,
+                      upload_slots=upload_slots)
     coordinator = Coordinator(run, hive, Path(state_dir))
     context = None
     if tls_cert:

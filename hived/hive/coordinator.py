@@ -62,8 +62,9 @@ class HiveConfig:
             raise ConfigError("--mode is diloco or sync")
         if self.outer_lr <= 0 or not 0 <= self.outer_momentum < 1:
             raise ConfigError("--outer-lr must be positive and --outer-momentum in [0, 1)")
-        if self.inner_steps < 1 or self.min_peers < 1 or self.round_timeout <= 0:
-            raise ConfigError("--inner-steps and --min-peers must be at least 1, --round-timeout positive")
+        if min(self.inner_steps, self.min_peers, self.upload_slots, self.send_slots) < 1 or self.round_timeout <= 0:
+            raise ConfigError("--inner-steps, --min-peers and --upload-slots must be at least 1, "
+                              "--round-timeout positive")
 
 
 @dataclass
