@@ -171,7 +171,8 @@ async def simulate(url: str, key: str, n: int) -> None:
                     for frame in frames(m.round):
                         await ws.send_bytes(frame)
 
-    async with aiohttp.ClientSession() as http:
+    # limit=0: aiohttp's default pool of 100 connections would leave the rest waiting forever
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         await asyncio.gather(*(peer(i, http) for i in range(n)), return_exceptions=True)
 
 
