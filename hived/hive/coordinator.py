@@ -396,11 +396,14 @@ class Coordinator:
     async def _ready(self, peer: Peer, m: Ready) -> None:
         rnd = self.current
         if rnd is None or m.round != rnd.number or peer.id not in rnd.expected or peer.id in rnd.reported:
-            self.late += 1
-            await peer.ws.send_bytes(encode(Ack(m.round, "late", "the round had closed")))
-            return
+            return await self._late(peer, m.round)
         rnd.waiting.append(peer.id)
         await self._grant(rnd)
+
+    async def _late(self, peer: Peer, round_: int) -> None:
+        """Refuse a report for a round that has closed, and count it."""
+        self.late += 1
+        await peer.ws.send_bytes(encode(Ack(round_, "late", "the round had closed")))
 
     async def _grant(self, rnd: Round) -> None:
         """Let waiting peers upload while fewer than ``upload_slots`` uploads are under way."""
@@ -434,17 +437,13 @@ class Coordinator:
         if rnd is not None:
             rnd.bytes_in += size
         if rnd is None or m.round != rnd.number or peer.id not in rnd.expected or peer.id in rnd.reported:
-            self.late += 1
-            await peer.ws.send_bytes(encode(Ack(m.round, "late", "the round had closed")))
-            return
+            return await self._late(peer, m.round)
         t0 = time.time()
         packed = {name: d for part in tensors_raw.values() for name, d in part.items()}
         used, status, detail = await asyncio.get_running_loop().run_in_executor(
             None, lambda: self.guard.check({name: unpack(d) for name, d in packed.items()}, rnd.model_norm))
         if rnd is not self.current or peer.id in rnd.reported:  # the round closed while this was checked
-            self.late += 1
-            await peer.ws.send_bytes(encode(Ack(m.round, "late", "the round had closed")))
-            return
+            return await self._late(peer, m.round)
         rnd.reported.add(peer.id)
         if used is None:
             rnd.rejected += 1
