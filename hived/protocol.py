@@ -27,7 +27,7 @@ import zstandard
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 64 << 20  # compressed, as received
 MAX_MESSAGE_BYTES = 256 << 20  # after decompression
-CHUNK_BYTES = 4 << 20  # tensor payload per frame when a message is split
+CHUNK_BYTES = 1 << 20  # tensor payload per frame: a connection buffers about one part (bench/hive.py --scale)
 INT8_BLOCK = 256
 MAX_TEXT = 64  # names and device strings from peers
 COMPRESSIONS = ("fp32", "fp16", "bf16", "int8")
