@@ -423,6 +423,10 @@ class Coordinator:
         current = self.current
         if current is not None and m.round == current.number and peer.id not in current.uploading:
             raise ProtocolError("an update must wait for the coordinator's Go")
+        if current is not None:  # every part counts, as it arrives
+            current.bytes_in += size
+        else:
+            self.bytes_in += size
         peer.parts_bytes += size
         if peer.parts_bytes > self.max_update_bytes:  # no honest update is larger than the model in fp32
             raise ProtocolError("update larger than the model")
@@ -434,8 +438,6 @@ class Coordinator:
         if rnd is not None and peer.id in rnd.uploading:
             rnd.uploading.discard(peer.id)
             await self._grant(rnd)
-        if rnd is not None:
-            rnd.bytes_in += size
         if rnd is None or m.round != rnd.number or peer.id not in rnd.expected or peer.id in rnd.reported:
             return await self._late(peer, m.round)
         t0 = time.time()
