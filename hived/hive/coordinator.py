@@ -175,8 +175,7 @@ class Coordinator:
             return None
         state = checkpoint.load(path)
         saved = state["model_config"]
-        wanted = {k: v for k, v in self.run.model.items()}
-        if any(saved.get(k) != v for k, v in wanted.items()):
+        if any(saved.get(k) != v for k, v in self.run.model.items()):
             raise checkpoint.CheckpointError(
                 f"{path} holds a hive with another model ({saved}); use another --state-dir or the same preset"
             )

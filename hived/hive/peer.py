@@ -60,6 +60,7 @@ class Peer:
         self.device = pick_device(opts.device)
         self.trainer: Trainer | None = None
         self.feedback: ErrorFeedback | None = None
+        self.mode = "diloco"  # set from the coordinator's Welcome
         self.identity: str | None = None  # what the trainer was built for
         self.rounds = 0
 
