@@ -142,28 +142,29 @@ async def simulate(url: str, key: str, n: int) -> None:
     from hived.config import ModelConfig
     from hived.model import GPT
     from hived.protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Go, Hello, Ready, Update, Welcome, Work, decode,
-                                encode, pack, split)
+                                encode, tensor_frames)
 
     update: dict = {}  # the precomputed update, the same for every peer
+    compression: list[str] = []
     cache: dict[int, list[bytes]] = {}  # its frames for the current round, encoded once
 
     def frames(rnd: int) -> list[bytes]:
         if rnd not in cache:
             cache.clear()
-            parts = split(update)
-            cache[rnd] = [encode(Update(rnd, i, len(parts), 257, 3.0, 0.01, part)) for i, part in enumerate(parts)]
+            cache[rnd] = list(tensor_frames(Update(rnd, 0, 0, 257, 3.0, 0.01), update, compression[0]))
         return cache[rnd]
 
     async def peer(i: int, http: aiohttp.ClientSession) -> None:
         async with http.ws_connect(url + "/ws/peer", max_msg_size=MAX_FRAME_BYTES, heartbeat=None) as ws:
             await ws.send_bytes(encode(Hello(PROTOCOL_VERSION, key, f"sim{i}", "simulated")))
             async for msg in ws:
-                if len(msg.data) > 1 << 20:
-                    continue  # a weights part: a simulated peer does not need them
+                if len(msg.data) > 64 << 10:
+                    continue  # a weights part (control frames are far smaller): not needed here
                 m = decode(msg.data)
                 if isinstance(m, Welcome) and not update:
                     torch.manual_seed(0)
-                    update.update({k: pack(torch.randn(p.shape) * 1e-4, m.compression)
+                    compression.append(m.compression)
+                    update.update({k: torch.randn(p.shape) * 1e-4
                                    for k, p in GPT(ModelConfig(**m.model_config)).named_parameters()})
                 elif isinstance(m, Work):
                     await ws.send_bytes(encode(Ready(m.round)))

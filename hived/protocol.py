@@ -17,7 +17,8 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import msgpack
 import numpy as np
@@ -32,9 +33,11 @@ INT8_BLOCK = 256
 MAX_TEXT = 64  # names and device strings from peers
 COMPRESSIONS = ("fp32", "fp16", "bf16", "int8")
 
-# Tensor payloads barely compress (fp16 weights: 1.09x at level 1, for 23 ms per 8 MB), so big
-# frames use zstd's fast level; small control frames compress well and cheaply (bench/hive.py).
-_ZSTD_SMALL, _ZSTD_BIG, _BIG = 3, -1, 1 << 20
+# Tensor payloads barely compress (fp16 or int8: 1.07-1.09x at level 1, for 3-4x the time of
+# level -1 both ways), so frames that carry them use zstd's fast level; small control frames
+# compress well and cheaply. The threshold sits far below a part (CHUNK_BYTES): parts just under
+# it must not fall back to the slow level.
+_ZSTD_SMALL, _ZSTD_BIG, _BIG = 3, -1, 64 << 10
 
 
 class ProtocolError(ValueError):
@@ -278,17 +281,40 @@ class ErrorFeedback:
         return packed
 
 
-def split(tensors: dict[str, dict], limit: int = CHUNK_BYTES) -> list[dict[str, dict]]:
-    """Group packed tensors into parts of at most ``limit`` payload bytes each (a tensor larger
-    than the limit travels alone). Keeps every frame under the frame cap for any model size
+def packed_nbytes(numel: int, compression: str) -> int:
+    """Payload bytes of a tensor of ``numel`` values once packed."""
+    if compression == "int8":
+        blocks = -(-numel // INT8_BLOCK)
+        return blocks * INT8_BLOCK + 4 * blocks
+    return numel * {"fp32": 4, "fp16": 2, "bf16": 2}[compression]
+
+
+def split(numels: dict[str, int], compression: str, limit: int = CHUNK_BYTES) -> list[list[str]]:
+    """Tensor names grouped into parts of at most ``limit`` packed payload bytes each (a tensor
+    larger than the limit travels alone). Keeps every frame under the frame cap for any model size
     whose largest tensor fits one frame."""
-    parts: list[dict[str, dict]] = [{}]
+    parts: list[list[str]] = [[]]
     size = 0
-    for name, d in tensors.items():
-        n = len(d["data"]) + len(d.get("scale", b""))
+    for name, numel in numels.items():
+        n = packed_nbytes(numel, compression)
         if parts[-1] and size + n > limit:
-            parts.append({})
+            parts.append([])
             size = 0
-        parts[-1][name] = d
+        parts[-1].append(name)
         size += n
     return parts
+
+
+M = TypeVar("M", Weights, Update)
+
+
+def tensor_frames(header: M, tensors: dict[str, torch.Tensor], compression: str,
+                  pack_one: Callable[[str, torch.Tensor], dict] | None = None) -> Iterator[bytes]:
+    """The frames of a message that carries tensors (``header`` with every field but the parts),
+    packed and encoded one part at a time: a sender can put the first part on the wire while the
+    next is being packed, and holds one packed part at a time, not the whole model."""
+    pack_one = pack_one or (lambda _, t: pack(t, compression))
+    parts = split({k: t.numel() for k, t in tensors.items()}, compression)
+    for i, names in enumerate(parts):
+        yield encode(dataclasses.replace(header, part=i, parts=len(parts),
+                                         tensors={k: pack_one(k, tensors[k]) for k in names}))

@@ -7,7 +7,6 @@ import sys
 import time
 
 from hived.hive.peer import Peer, PeerOptions
-from hived.protocol import pack, unpack
 
 
 class EvilPeer(Peer):
@@ -16,15 +15,11 @@ class EvilPeer(Peer):
         self.kind = kind
 
     def work(self, weights, work):
-        update = super().work(weights, work)
+        header, delta = super().work(weights, work)
         if self.kind == "slow":
             time.sleep(8)  # misses the round timeout: a late report
-            return update
-        for name, d in update.tensors.items():
-            t = unpack(d)
-            t = t * 1000.0 if self.kind == "scale" else t * float("nan")
-            update.tensors[name] = pack(t, "fp32" if d["dtype"] == "fp32" else d["dtype"])
-        return update
+            return header, delta
+        return header, {name: t * (1000.0 if self.kind == "scale" else float("nan")) for name, t in delta.items()}
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@ import pytest
 import torch
 import zstandard
 
-from hived.hive.aggregation import UpdateGuard, WeightedMean
+from hived.hive.aggregation import UpdateGuard, WeightedMean, squared_norm
 from hived.hive.keys import KeyStore, KeyStoreError
-from hived.protocol import (INT8_BLOCK, PROTOCOL_VERSION, Ack, ErrorFeedback, Hello, ProtocolError, Update, Weights,
-                            Work, clean_text, decode, encode, pack, split, unpack)
+from hived.protocol import (CHUNK_BYTES, INT8_BLOCK, PROTOCOL_VERSION, Ack, ErrorFeedback, Hello, ProtocolError, Update, Weights,
+                            Work, clean_text, decode, encode, pack, packed_nbytes, split,
+                            tensor_frames, unpack)
 
 
 def test_every_message_round_trips():
@@ -74,13 +75,22 @@ def test_error_feedback_makes_the_sum_of_sent_updates_track_the_true_sum():
     assert (without - true).abs().max() > 3 * (with_fb - true).abs().max()  # ...while without it drifts
 
 
-def test_split_keeps_parts_under_the_limit_and_loses_nothing():
-    tensors = {f"t{i}": pack(torch.randn(1000), "fp32") for i in range(10)}
-    parts = split(tensors, limit=10_000)
-    assert len(parts) == 5
-    assert {k for p in parts for k in p} == set(tensors)
-    frames = [encode(Weights(0, i, len(parts), p)) for i, p in enumerate(parts)]
-    assert all(decode(f).tensors == p for f, p in zip(frames, parts))
+@pytest.mark.parametrize("compression", ["fp32", "int8"])
+def test_tensor_frames_keep_parts_under_the_limit_and_lose_nothing(compression):
+    tensors = {f"t{i}": torch.randn(100_000 + i) for i in range(10)}  # 400 kB each in fp32
+    assert len(split({k: t.numel() for k, t in tensors.items()}, "fp32", limit=10_000)) == 10  # one each
+    frames = list(tensor_frames(Update(3, 0, 0, 640, 2.5, 0.1), tensors, compression))
+    parts = [decode(f) for f in frames]
+    assert len(parts) == (5 if compression == "fp32" else 1)
+    assert [(m.round, m.part, m.parts, m.tokens) for m in parts] == [(3, i, len(parts), 640) for i in range(len(parts))]
+    for m in parts:
+        assert sum(packed_nbytes(len(unpack(d)), compression) for d in m.tensors.values()) <= CHUNK_BYTES
+        assert all(len(d["data"]) + len(d.get("scale", b"")) == packed_nbytes(tensors[k].numel(), compression)
+                   for k, d in m.tensors.items())
+    got = {k: unpack(d) for m in parts for k, d in m.tensors.items()}
+    assert got.keys() == tensors.keys()
+    assert all(torch.allclose(got[k], tensors[k], atol=0.02) for k in tensors)
+    assert len(list(tensor_frames(Weights(0, 0, 0), {"w": torch.ones(300_000)}, "fp32"))) == 1  # too big: alone
 
 
 def test_peer_text_is_cleaned():
@@ -89,19 +99,22 @@ def test_peer_text_is_cleaned():
 
 def test_weighted_mean_and_guard():
     agg = WeightedMean()
-    agg.add({"w": torch.tensor([1.0, 1.0])}, 1)
-    agg.add({"w": torch.tensor([4.0, 4.0])}, 3)
+    agg.add({"w": torch.tensor([1.0, 1.0])}.items(), 1)
+    agg.add(iter([("w", torch.tensor([4.0, 4.0]))]), 3)  # tensors may arrive one at a time
     assert torch.equal(agg.result()["w"], torch.tensor([3.25, 3.25]))
     guard = UpdateGuard({"w": torch.Size([2])}, max_ratio=1.0, clip_factor=5.0)
-    ok = {"w": torch.tensor([0.1, 0.1])}
     for _ in range(3):
-        assert guard.check(ok, model_norm=10.0)[1] == "accepted"
-    assert guard.check({"w": torch.tensor([float("nan"), 0.0])}, 10.0)[1] == "rejected"
-    assert guard.check({"w": torch.ones(3)}, 10.0)[1] == "rejected"
-    assert guard.check({"v": torch.ones(2)}, 10.0)[1] == "rejected"
-    assert guard.check({"w": torch.tensor([100.0, 100.0])}, 10.0)[1] == "rejected"  # beyond the model's norm
-    used, status, _ = guard.check({"w": torch.tensor([5.0, 5.0])}, 10.0)  # 50x the median: clipped to 5x
-    assert status == "clipped" and torch.allclose(used["w"].norm(), torch.tensor(5 * 0.1 * 2 ** 0.5))
+        assert guard.check({"w": (2,)}, 0.1, model_norm=10.0) == (1.0, "accepted", "")
+    assert guard.check({"w": (2,)}, squared_norm([torch.tensor([float("nan"), 0.0])]), 10.0)[1] == "rejected"
+    assert guard.check({"w": (2,)}, float("inf"), 10.0)[1] == "rejected"
+    assert guard.check({"w": (3,)}, 0.1, 10.0)[1] == "rejected"
+    assert guard.check({"w": None}, 0.1, 10.0)[1] == "rejected"
+    assert guard.check({"v": (2,)}, 0.1, 10.0)[1] == "rejected"
+    assert guard.check({"w": (2,), "v": (2,)}, 0.1, 10.0)[1] == "rejected"
+    assert guard.check({"w": (2,)}, 100.0, 10.0)[1] == "rejected"  # beyond the model's norm
+    scale, status, _ = guard.check({"w": (2,)}, 5.0, 10.0)  # 50x the median: clipped to 5x
+    assert status == "clipped" and scale == pytest.approx(0.1)
+    assert squared_norm([torch.tensor([3.0]), torch.tensor([4.0])]) == pytest.approx(25.0)
 
 
 def test_keys_are_stored_hashed_and_revocable(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Iterable
 from typing import Protocol
 
 import torch
@@ -18,38 +19,44 @@ Tensors = dict[str, torch.Tensor]
 
 
 class Aggregator(Protocol):
-    def add(self, update: Tensors, weight: float) -> None: ...
+    def add(self, update: Iterable[tuple[str, torch.Tensor]], weight: float) -> None: ...
     def result(self) -> Tensors | None: ...
     @property
     def count(self) -> int: ...
 
 
 class WeightedMean:
-    """Mean of updates weighted by the tokens behind each (a peer that did more counts more)."""
+    """Mean of updates weighted by the tokens behind each (a peer that did more counts more).
+
+    ``add`` takes (name, tensor) pairs, so a caller can decode an update one tensor at a time and
+    never hold a second full-precision copy of it.
+    """
 
     def __init__(self) -> None:
-        self.sum: Tensors | None = None
+        self.sum: Tensors = {}
         self.total = 0.0
         self.count = 0
 
-    def add(self, update: Tensors, weight: float) -> None:
-        if self.sum is None:
-            self.sum = {k: v.float() * weight for k, v in update.items()}
-        else:
-            for k, v in update.items():
+    def add(self, update: Iterable[tuple[str, torch.Tensor]], weight: float) -> None:
+        for k, v in update:
+            if k in self.sum:
                 self.sum[k].add_(v.float(), alpha=weight)
+            else:
+                self.sum[k] = v.float() * weight
         self.total += weight
         self.count += 1
 
     def result(self) -> Tensors | None:
-        if self.sum is None or self.total <= 0:
+        if not self.sum or self.total <= 0:
             return None
         return {k: v / self.total for k, v in self.sum.items()}
 
 
 class UpdateGuard:
-    """Refuses updates that would harm the model; clips outsized ones.
+    """Refuses updates that would harm the model; scales down outsized ones.
 
+    It judges an update by its tensors' names and shapes and its global norm, which the caller
+    computes part by part as the update arrives (a NaN or Inf anywhere makes the norm NaN or Inf).
     Rejected: wrong tensor names or shapes, NaN/Inf, or a norm above ``max_ratio`` times the
     model's own norm (no honest update moves every weight by more than the weights themselves;
     this catches a huge update even in the first round, before there is any history). Clipped:
@@ -58,20 +65,19 @@ class UpdateGuard:
 
     def __init__(self, shapes: dict[str, torch.Size], max_ratio: float = 1.0, clip_factor: float = 5.0,
                  history: int = 64):
-        self.shapes = shapes
+        self.shapes = {k: tuple(v) for k, v in shapes.items()}
         self.max_ratio = max_ratio
         self.clip_factor = clip_factor
         self.norms: deque[float] = deque(maxlen=history)
 
-    def check(self, update: Tensors, model_norm: float) -> tuple[Tensors | None, str, str]:
-        """(update to use or None, status accepted|clipped|rejected, detail)."""
-        if set(update) != set(self.shapes):
+    def check(self, shapes: dict[str, tuple[int, ...] | None], norm: float,
+              model_norm: float) -> tuple[float | None, str, str]:
+        """(factor to scale the update by, or None to drop it; status accepted|clipped|rejected; detail)."""
+        if set(shapes) != set(self.shapes):
             return None, "rejected", "wrong set of tensors"
-        for name, t in update.items():
-            if t.shape != self.shapes[name]:
-                return None, "rejected", f"{name} has shape {tuple(t.shape)}, expected {tuple(self.shapes[name])}"
-        # One pass: a NaN or Inf anywhere makes the norm NaN or Inf.
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in update.values()])))
+        for name, shape in shapes.items():
+            if shape != self.shapes[name]:
+                return None, "rejected", f"{name} has shape {shape}, expected {self.shapes[name]}"
         if not math.isfinite(norm):
             return None, "rejected", "NaN or Inf values"
         if norm > self.max_ratio * model_norm:
@@ -79,13 +85,16 @@ class UpdateGuard:
         if len(self.norms) >= 3:
             limit = self.clip_factor * statistics.median(self.norms)
             if norm > limit:
-                scale = limit / norm
                 self.norms.append(limit)
-                return ({k: v * scale for k, v in update.items()}, "clipped",
+                return (limit / norm, "clipped",
                         f"norm {norm:.3g} clipped to {limit:.3g} ({self.clip_factor:g}x the median)")
         self.norms.append(norm)
-        return update, "accepted", ""
+        return 1.0, "accepted", ""
+
+
+def squared_norm(tensors: Iterable[torch.Tensor]) -> float:
+    return sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors)
 
 
 def model_norm(params: Tensors) -> float:
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach()) for p in params.values()])))
+    return math.sqrt(squared_norm(p.detach() for p in params.values()))

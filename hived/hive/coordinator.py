@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import math
 import secrets
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +34,9 @@ from ..config import ConfigError, RunConfig, TrainConfig
 from ..events import Events
 from ..local import build_trainer
 from ..protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Ack, Bye, Go, Hello, ProtocolError, Ready, Refused, Update,
-                        Weights, Welcome, Work, clean_text, decode, encode, pack, split, unpack)
+                        Weights, Welcome, Work, clean_text, decode, encode, tensor_frames, unpack)
 from ..trainer import lr_at, make_optimizer
-from .aggregation import UpdateGuard, WeightedMean, model_norm
+from .aggregation import UpdateGuard, WeightedMean, model_norm, squared_norm
 from .keys import KeyStore
 
 log = logging.getLogger("hived.coordinator")
@@ -82,9 +84,21 @@ class Peer:
     tokens: int = 0
     strikes: int = 0
     tokens_per_sec: float = 0.0
-    parts: dict[int, dict] = field(default_factory=dict)
-    parts_bytes: int = 0
+    upload: Upload | None = None  # the update being received, part by part
     sent_at: float = 0.0
+
+
+@dataclass
+class Upload:
+    """An update arriving in parts: kept packed (the size it travelled at) until it is accepted;
+    its squared norm is summed part by part off the event loop as the parts arrive."""
+
+    round: int
+    parts: int
+    tensors: dict[str, Any] = field(default_factory=dict)
+    seen: set[int] = field(default_factory=set)
+    squared_norm: float = 0.0
+    bytes: int = 0
 
 
 @dataclass
@@ -109,6 +123,7 @@ class Round:
     compute: float = 0.0  # the slowest peer's own training time
     apply: float = 0.0  # seconds for the outer optimizer step
     closed: float = 0.0
+    evaluation: asyncio.Future | None = None  # the previous round's, running while peers train
 
 
 class FailedAttempts:
@@ -228,46 +243,67 @@ class Coordinator:
 
     async def run_rounds(self) -> None:
         loop = asyncio.get_running_loop()
-        evaluation: asyncio.Future | None = None
+        evaluate: Callable[[], None] | None = None  # the last applied round's evaluation, not yet run
         while self.hive.rounds == 0 or self.round < self.hive.rounds:
             ready = [p for p in self.peers.values() if not p.ws.closed]
             if len(ready) < max(1, self.hive.min_peers):
+                if evaluate is not None:
+                    await loop.run_in_executor(None, evaluate)
+                    evaluate = None
                 self.changed.clear()
                 await self.changed.wait()
                 continue
-            rnd = await self._run_round(ready)
-            if evaluation is not None:
-                await evaluation
+            rnd = await self._run_round(ready, evaluate)
+            evaluate = None
+            if rnd.evaluation is not None:
+                await rnd.evaluation
             if rnd.accepted == 0:
                 continue  # nothing usable arrived: the same round number is tried again
             self._apply(rnd)
-            evaluation = loop.run_in_executor(None, self._evaluate_and_save, rnd)
-        if evaluation is not None:
-            await evaluation
+            evaluate = functools.partial(self._evaluate_and_save, rnd)
+        if evaluate is not None:
+            await loop.run_in_executor(None, evaluate)
 
-    async def _run_round(self, peers: list[Peer]) -> Round:
+    async def _run_round(self, peers: list[Peer], evaluate: Callable[[], None] | None) -> Round:
+        """One round. ``evaluate`` (the previous round's evaluation) starts once the weights are
+        sent, so it runs while the peers train instead of delaying them."""
+        loop = asyncio.get_running_loop()
         cfg = self.run.train
         per_peer = cfg.batch_size * cfg.grad_accum * self._steps_per_round()
         block = self.trainer.model_cfg.block_size
         rnd = Round(self.round, {p.id for p in peers}, {p.id: per_peer * block for p in peers},
                     model_norm=model_norm(self.params))
-        weights = {k: pack(p.data, self.hive.compression) for k, p in self.params.items()}
-        parts = split(weights)
-        frames = [encode(Weights(self.round, i, len(parts), part)) for i, part in enumerate(parts)]
         self.current = rnd
+        # The weights are packed a part at a time as the first peer needs them; every peer gets the
+        # same frames, so the model is packed once a round whatever the number of peers.
+        parts = tensor_frames(Weights(self.round, 0, 0), {k: p.data for k, p in self.params.items()},
+                              self.hive.compression)
+        frames: list[bytes] = []
+        packing = asyncio.Lock()
+
+        async def frame(i: int) -> bytes | None:
+            async with packing:
+                if i == len(frames) and (f := await loop.run_in_executor(None, next, parts, None)) is not None:
+                    frames.append(f)
+            return frames[i] if i < len(frames) else None
 
         async def send(peer: Peer) -> None:
-            work = encode(self._work(rnd.number, per_peer))
             try:
-                for frame in (*frames, work):
-                    async with self.sending:  # frames are shared; only a bounded number sit in buffers
-                        await peer.ws.send_bytes(frame)
-                    rnd.bytes_out += len(frame)
+                i = 0
+                while (f := await frame(i)) is not None:
+                    async with self.sending:  # only a bounded number of frames sit in buffers
+                        await peer.ws.send_bytes(f)
+                    rnd.bytes_out += len(f)
+                    i += 1
+                work = encode(self._work(rnd.number, per_peer))
+                await peer.ws.send_bytes(work)
+                rnd.bytes_out += len(work)
                 peer.state, peer.sent_at = "working", time.time()
             except (ConnectionError, RuntimeError):
                 rnd.expected.discard(peer.id)
 
         await asyncio.gather(*(send(p) for p in peers))
+        rnd.evaluation = loop.run_in_executor(None, evaluate) if evaluate is not None else None
         rnd.broadcast = time.time() - rnd.started
         deadline = rnd.started + self.hive.round_timeout
         while True:
@@ -367,9 +403,10 @@ class Coordinator:
                 peer.last_seen = time.time()
                 if msg.type != WSMsgType.BINARY:
                     raise ProtocolError("only binary frames are accepted")
-                m = await loop.run_in_executor(None, decode, msg.data)  # peers' updates decode in parallel
+                # Frames decode off the event loop, so peers' uploads are decoded in parallel.
+                m, squared = await loop.run_in_executor(None, self._decode, msg.data)
                 if isinstance(m, Update):
-                    await self._receive(peer, m, len(msg.data))
+                    await self._receive(peer, m, squared, len(msg.data))
                 elif isinstance(m, Ready):
                     await self._ready(peer, m)
                 elif isinstance(m, Bye):
@@ -416,44 +453,57 @@ class Coordinator:
             except (ConnectionError, RuntimeError):
                 rnd.uploading.discard(peer.id)
 
-    async def _receive(self, peer: Peer, m: Update, size: int) -> None:
+    def _decode(self, frame: bytes) -> tuple[Any, float]:
+        """A frame's message and, for an update part, the squared norm of the tensors the model has
+        (anything else is left for the guard to reject, never unpacked)."""
+        m = decode(frame)
+        if not isinstance(m, Update):
+            return m, 0.0
+        known = (unpack(d) for name, d in m.tensors.items() if _shape(d) == self.guard.shapes.get(name))
+        return m, squared_norm(known)
+
+    async def _receive(self, peer: Peer, m: Update, squared: float, size: int) -> None:
         if not 0 < m.parts <= 4096 or not 0 <= m.part < m.parts:
             raise ProtocolError("bad part numbering")
-        current = self.current
-        if current is not None and m.round == current.number and peer.id not in current.uploading:
+        rnd = self.current
+        if rnd is not None and m.round == rnd.number and peer.id not in rnd.uploading:
             raise ProtocolError("an update must wait for the coordinator's Go")
-        if current is not None:  # every part counts, as it arrives
-            current.bytes_in += size
+        if rnd is not None:  # every part counts, as it arrives
+            rnd.bytes_in += size
         else:
             self.bytes_in += size
-        peer.parts_bytes += size
-        if peer.parts_bytes > self.max_update_bytes:  # no honest update is larger than the model in fp32
+        up = peer.upload
+        if up is None or (up.round, up.parts) != (m.round, m.parts):
+            up = peer.upload = Upload(m.round, m.parts)
+        if m.part in up.seen or up.tensors.keys() & m.tensors.keys():
+            raise ProtocolError("a part or tensor sent twice")
+        up.bytes += size
+        if up.bytes > self.max_update_bytes:  # no honest update is larger than the model in fp32
             raise ProtocolError("update larger than the model")
-        peer.parts[m.part] = m.tensors
-        if len(peer.parts) < m.parts:
+        up.seen.add(m.part)
+        up.tensors.update(m.tensors)
+        up.squared_norm += squared
+        if len(up.seen) < up.parts:
             return
-        tensors_raw, peer.parts, peer.parts_bytes = peer.parts, {}, 0
-        rnd = self.current
+        peer.upload = None
         if rnd is not None and peer.id in rnd.uploading:
             rnd.uploading.discard(peer.id)
             await self._grant(rnd)
         if rnd is None or m.round != rnd.number or peer.id not in rnd.expected or peer.id in rnd.reported:
             return await self._late(peer, m.round)
         t0 = time.time()
-        packed = {name: d for part in tensors_raw.values() for name, d in part.items()}
-        used, status, detail = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: self.guard.check({name: unpack(d) for name, d in packed.items()}, rnd.model_norm))
-        if rnd is not self.current or peer.id in rnd.reported:  # the round closed while this was checked
-            return await self._late(peer, m.round)
+        scale, status, detail = self.guard.check({name: _shape(d) for name, d in up.tensors.items()},
+                                                 math.sqrt(up.squared_norm), rnd.model_norm)
         rnd.reported.add(peer.id)
-        if used is None:
+        if scale is None:
             rnd.rejected += 1
             self.rejected += 1
             peer.strikes += 1
             log.warning("rejected an update from %s: %s", peer.name, detail)
         else:
             tokens = max(0, min(m.tokens, rnd.assigned[peer.id]))
-            rnd.agg.add(used, tokens)
+            # Decoded one tensor at a time: the coordinator never holds a peer's update in fp32.
+            rnd.agg.add(((name, unpack(d)) for name, d in up.tensors.items()), tokens * scale)
             rnd.accepted += 1
             rnd.clipped += status == "clipped"
             rnd.losses.append((m.loss if math.isfinite(m.loss) else 0.0, tokens))
@@ -492,6 +542,12 @@ class Coordinator:
             "ledger": self.ledger,
             "history": self.history[-200:],
         }
+
+
+def _shape(packed: Any) -> tuple[int, ...] | None:
+    """The shape a packed tensor declares (None if it declares none)."""
+    shape = packed.get("shape") if isinstance(packed, dict) else None
+    return tuple(shape) if isinstance(shape, list) else None
 
 
 COORDINATOR = web.AppKey("coordinator", Coordinator)

@@ -26,7 +26,7 @@ from ..config import ModelConfig, TrainConfig, build
 from ..data import Windows
 from ..device import pick_device
 from ..protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Ack, Bye, ErrorFeedback, Go, Hello, ProtocolError, Ready,
-                        Refused, Update, Weights, Welcome, Work, decode, encode, split, unpack)
+                        Refused, Update, Weights, Welcome, Work, decode, encode, tensor_frames, unpack)
 from ..tokenizer import from_json
 from ..trainer import Trainer
 
@@ -79,8 +79,10 @@ class Peer:
         log.info("joined: %s mode, %s updates, %s parameters on %s", welcome.mode, welcome.compression,
                  f"{self.trainer.model.num_params():,}", self.device)
 
-    def work(self, weights: dict[str, torch.Tensor], work: Work) -> Update:
-        """Train on one round's windows from the given weights; return the update (runs in a thread)."""
+    def work(self, weights: dict[str, torch.Tensor], work: Work) -> tuple[Update, dict[str, torch.Tensor]]:
+        """Train on one round's windows from the given weights (runs in a thread). Returns the
+        update's header and its tensors, packed only once the coordinator says go; ``seconds`` is
+        the training alone, so the coordinator can tell round overhead from compute."""
         t0 = time.perf_counter()
         trainer = self.trainer
         params = dict(trainer.model.named_parameters())
@@ -102,9 +104,17 @@ class Peer:
             loss = sum(losses) / len(losses)
         else:
             delta, loss = trainer.gradients()
-        tensors = {k: self.feedback.pack(k, v) for k, v in delta.items()}
-        tokens = work.count * trainer.model_cfg.block_size
-        return Update(work.round, 0, 1, tokens, loss, time.perf_counter() - t0, tensors)
+        seconds = time.perf_counter() - t0
+        log.info("round %d: loss %.4f, %.2f s of training", work.round + 1, loss, seconds)
+        return Update(work.round, 0, 0, work.count * trainer.model_cfg.block_size, loss, seconds), delta
+
+    async def upload(self, ws: aiohttp.ClientWebSocketResponse, header: Update, delta: dict[str, torch.Tensor]) -> None:
+        """Pack (with error feedback) and send the update a part at a time, packing off the event
+        loop so each part is on the wire while the next is packed."""
+        loop = asyncio.get_running_loop()
+        frames = tensor_frames(header, delta, self.feedback.compression, self.feedback.pack)
+        while (frame := await loop.run_in_executor(None, next, frames, None)) is not None:
+            await ws.send_bytes(frame)
 
     async def session(self, ws: aiohttp.ClientWebSocketResponse) -> bool:
         """One connection; True when the peer is done (max rounds reached)."""
@@ -112,7 +122,7 @@ class Peer:
         await ws.send_bytes(encode(Hello(PROTOCOL_VERSION, self.opts.key, self.opts.name,
                                          device_description(self.device))))
         weights: dict[str, torch.Tensor] = {}
-        pending: Update | None = None  # computed, waiting for the coordinator's Go
+        pending: tuple[Update, dict[str, torch.Tensor]] | None = None  # waiting for the coordinator's Go
         async for msg in ws:
             if msg.type != aiohttp.WSMsgType.BINARY:
                 break
@@ -131,12 +141,8 @@ class Peer:
             elif isinstance(m, Work):
                 pending = await loop.run_in_executor(None, self.work, weights, m)
                 await ws.send_bytes(encode(Ready(m.round)))
-            elif isinstance(m, Go) and pending is not None and pending.round == m.round:
-                parts = split(pending.tensors)
-                for i, part in enumerate(parts):
-                    await ws.send_bytes(encode(Update(pending.round, i, len(parts), pending.tokens, pending.loss,
-                                                      pending.seconds, part)))
-                log.info("round %d: loss %.4f, sent %d part(s)", m.round + 1, pending.loss, len(parts))
+            elif isinstance(m, Go) and pending is not None and pending[0].round == m.round:
+                await self.upload(ws, *pending)
                 pending = None
             elif isinstance(m, Ack):
                 if m.status != "accepted":
