@@ -96,24 +96,39 @@ def generate_ids(model: GPT, prompt_ids: list[int], params: SamplingParams,
         yield nxt
 
 
+@dataclass
+class Usage:
+    """What one generation consumed and why it ended (for the chat API's ``usage``)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "length"  # length | stop
+
+
 def _prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
     ids = tokenizer.encode(prompt).tolist() if prompt else []
     return ids or tokenizer.start_ids()
 
 
-def stream(model: GPT, tokenizer: Tokenizer, prompt: str, params: SamplingParams) -> Iterator[str]:
+def stream(model: GPT, tokenizer: Tokenizer, prompt: str, params: SamplingParams,
+           usage: Usage | None = None) -> Iterator[str]:
     """Yield one sample's text as it grows, stopping at (and leaving out) any stop string.
 
     Text is re-decoded from all new tokens, and held back while it ends in an incomplete UTF-8
     sequence (byte-level BPE can split a character across tokens) or in a possible stop prefix.
     """
+    usage = usage or Usage()
+    prompt_ids = _prompt_ids(tokenizer, prompt)
+    usage.prompt_tokens = len(prompt_ids)
     ids: list[int] = []
     sent = 0
-    for nxt in generate_ids(model, _prompt_ids(tokenizer, prompt), params):
+    for nxt in generate_ids(model, prompt_ids, params):
         ids.append(int(nxt[0]))
+        usage.completion_tokens = len(ids)
         text = tokenizer.decode(ids)
         cut = min((i for i in (text.find(s, sent) for s in params.stop if s) if i >= 0), default=-1)
         if cut >= 0:
+            usage.finish_reason = "stop"
             if cut > sent:
                 yield text[sent:cut]
             return
