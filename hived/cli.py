@@ -8,13 +8,17 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from .config import ConfigError, ModelConfig, TrainConfig, load_preset, preset_names
 from .checkpoint import CheckpointError
+from .config import ConfigError, ModelConfig, TrainConfig, load_preset, preset_names
 from .data import DataError, build_tokenizer, discover, texts
 from .tokenizer import TokenizerError
+
+if TYPE_CHECKING:
+    from .openai_api import ApiLimits
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError)
 
@@ -106,22 +110,68 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
+WEB_HOST = click.option("--host", default="127.0.0.1", show_default=True,
+                        help="address of the dashboard, chat and API (0.0.0.0: every interface)")
+API_KEY = click.option("--api-key-file", type=click.File("r"), envvar="HIVED_API_KEY_FILE",
+                       help="require this bearer key on /v1/ (the chat API); or set HIVED_API_KEY")
+
+
+def _api_limits(api_key_file) -> ApiLimits:
+    import os
+
+    from .openai_api import ApiLimits
+
+    key = api_key_file.read().strip() if api_key_file else os.environ.get("HIVED_API_KEY") or None
+    return ApiLimits(api_key=key)
+
+
+def _open_browser(url: str) -> None:
+    """Only where someone can see it: a terminal on a machine with a display."""
+    import os
+    import webbrowser
+
+    if sys.stderr.isatty() and (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+                                or sys.platform in ("darwin", "win32")):
+        webbrowser.open(url)
+
+
 @main.command()
+@WEB_HOST
+@click.option("--port", type=int, default=8765, show_default=True,
+              help="dashboard and chat port; a free one is taken if it is busy")
+@click.option("--no-ui", is_flag=True, help="train without serving the dashboard and chat")
+@API_KEY
 @train_options
 @user_errors
-def train(config_file: str | None, **flags) -> None:
-    """Train a GPT on your text (or the built-in corpus) on this machine."""
-    from .local import Diverged, resolve_run, train as run_training
+def train(config_file: str | None, host: str, port: int, no_ui: bool, api_key_file, **flags) -> None:
+    """Train a GPT on your text (or the built-in corpus) on this machine, with a live dashboard."""
+    from .local import Diverged, resolve_run
+    from .local import train as run_training
 
     flags["data"] = list(flags["data"]) or None
     run, state = resolve_run(flags, config_file)
     stop = stop_on_signals()
+    listeners: tuple = ()
+    ui = None
+    if not no_ui:
+        from .dashboard import RunState
+        from .server import Background, make_app
+        from .serving import ModelHost
+
+        run_state, model_host = RunState("train"), ModelHost(Path(run.train.out).name or "hived")
+        ui = Background(make_app(run_state, model_host, _api_limits(api_key_file)), host, port)
+        click.echo(f"hived: {ui.notice}dashboard at {ui.url} (chat at {ui.url}chat)", err=True)
+        _open_browser(ui.url)
+        listeners = (run_state, model_host)
     try:
-        run_training(run, state, stop=stop)
+        run_training(run, state, listeners=listeners, stop=stop)
     except KeyboardInterrupt:
         sys.exit(130)
     except Diverged as exc:
         raise click.ClickException(str(exc)) from None
+    finally:
+        if ui is not None:
+            ui.stop()
     if stop.is_set():
         sys.exit(130)
 
@@ -161,7 +211,8 @@ def tokenize(data: tuple[str, ...], vocab_size: int, min_frequency: int, out: st
 @user_errors
 def generate(checkpoint: str, prompt: str, num_samples: int, device: str, **params) -> None:
     """Generate text from a trained checkpoint."""
-    from .generate import SamplingParams, generate as sample
+    from .generate import SamplingParams
+    from .generate import generate as sample
     from .inference import load_model
 
     try:
@@ -217,20 +268,44 @@ def presets(data: tuple[str, ...], tokenizer: str | None, vocab_size: int | None
         click.echo("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
 
 
+@main.command()
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="chat with this checkpoint, here")
+@click.option("--url", help="chat with a running daemon (hived train or hived serve), e.g. http://127.0.0.1:8765")
+@click.option("--typewriter", type=float, default=None, help="seconds per character (default: 0.01 on a terminal)")
+def chat(checkpoint: str | None, url: str | None, typewriter: float | None) -> None:
+    """Chat with a model in the terminal; /help lists the commands. A daemon's bearer key, if it
+    needs one, is read from HIVED_API_KEY."""
+    import os
+
+    from .terminal_chat import ChatError, backend_for, run
+
+    try:
+        backend = backend_for(checkpoint, url, os.environ.get("HIVED_API_KEY"))
+    except (ChatError, CheckpointError) as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(run(backend, typewriter=typewriter))
+
+
 def _logging() -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-STATE_DIR = click.option("--state-dir", type=click.Path(file_okay=False), required=True, envvar="HIVED_STATE_DIR",
-                         help="the coordinator's state folder (keys, checkpoint) [env HIVED_STATE_DIR]")
+def _state_dir(required: bool):
+    return click.option("--state-dir", type=click.Path(file_okay=False), required=required, envvar="HIVED_STATE_DIR",
+                        help="the coordinator's state folder (keys, checkpoint) [env HIVED_STATE_DIR]")
+
+
+STATE_DIR = _state_dir(required=True)
 
 
 @main.command()
 @click.option("--role", type=click.Choice(["coordinator"]), default="coordinator", show_default=True)
-@STATE_DIR
-@click.option("--host", default="127.0.0.1", show_default=True, help="0.0.0.0 listens on every interface")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True),
+              help="serve a trained model's dashboard and chat (instead of coordinating a hive)")
+@_state_dir(required=False)
+@WEB_HOST
 @click.option("--port", type=int, default=8765, show_default=True)
 @click.option("--mode", type=click.Choice(["diloco", "sync"]), default="diloco", show_default=True)
 @click.option("--inner-steps", type=int, default=50, show_default=True, help="diloco: peer steps per round")
@@ -243,41 +318,91 @@ STATE_DIR = click.option("--state-dir", type=click.Path(file_okay=False), requir
 @click.option("--rounds", type=int, default=0, help="stop after this many rounds (0: never)")
 @click.option("--upload-slots", type=int, default=4, show_default=True,
               help="updates received at once (bounds memory, whatever the number of peers)")
-@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), help="serve wss:// with this certificate")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), help="serve https/wss with this certificate")
 @click.option("--tls-key", type=click.Path(dir_okay=False, exists=True))
+@API_KEY
 @train_options
 @user_errors
-def serve(role: str, state_dir: str, host: str, port: int, tls_cert: str | None, tls_key: str | None,
-          config_file: str | None, mode: str, inner_steps: int, compression: str, outer_lr: float,
-          outer_momentum: float, round_timeout: float, min_peers: int, rounds: int, upload_slots: int,
-          **flags) -> None:
-    """Run the daemon: a hive coordinator that peers join with `hived join`."""
+def serve(role: str, checkpoint: str | None, state_dir: str | None, host: str, port: int, tls_cert: str | None,
+          tls_key: str | None, api_key_file, config_file: str | None, mode: str, inner_steps: int, compression: str,
+          outer_lr: float, outer_momentum: float, round_timeout: float, min_peers: int, rounds: int,
+          upload_slots: int, **flags) -> None:
+    """Run the daemon: a hive coordinator that peers join with `hived join`, or (--checkpoint) a
+    trained model's dashboard and chat. Both serve the dashboard at / and the chat at /chat."""
     import ssl
 
     from aiohttp import web
 
-    from .config import resolve
-    from .hive.coordinator import Coordinator, HiveConfig, make_app
+    from .dashboard import RunState
+    from .server import make_app
+    from .serving import ModelHost
 
     _logging()
-    flags["data"] = list(flags["data"]) or None
-    if flags["checkpoint_interval"] is None:
-        flags["checkpoint_interval"] = 10  # rounds, for a coordinator
-    run = resolve(flags, config_file)
-    hive = HiveConfig(mode=mode, inner_steps=inner_steps, compression=compression, outer_lr=outer_lr,
-                      outer_momentum=outer_momentum, round_timeout=round_timeout, min_peers=min_peers, rounds=rounds,
-                      upload_slots=upload_slots)
-    coordinator = Coordinator(run, hive, Path(state_dir))
     context = None
     if tls_cert:
         if not tls_key:
             raise click.UsageError("--tls-cert needs --tls-key")
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(tls_cert, tls_key)
-    scheme = "wss" if context else "ws"
-    click.echo(f"hived coordinator on {scheme}://{host}:{port} (peers: hived join {scheme}://{host}:{port} "
-               f"--key KEY); status at http{'s' if context else ''}://{host}:{port}/api/status", err=True)
-    web.run_app(make_app(coordinator), host=host, port=port, ssl_context=context, print=None, access_log=None)
+    http = f"http{'s' if context else ''}://{host}:{port}"
+    if checkpoint:
+        state, model_host = _model_state(checkpoint)
+        app = make_app(state, model_host, _api_limits(api_key_file))
+        click.echo(f"hived: serving {checkpoint}: dashboard at {http}/, chat at {http}/chat, "
+                   f"OpenAI-compatible API at {http}/v1 (model {model_host.name!r})", err=True)
+    else:
+        from .config import resolve
+        from .hive.coordinator import Coordinator, HiveConfig, add_routes
+
+        if not state_dir:
+            raise click.UsageError("a coordinator needs --state-dir (or serve a model with --checkpoint)")
+        flags["data"] = list(flags["data"]) or None
+        if flags["checkpoint_interval"] is None:
+            flags["checkpoint_interval"] = 10  # rounds, for a coordinator
+        run = resolve(flags, config_file)
+        hive = HiveConfig(mode=mode, inner_steps=inner_steps, compression=compression, outer_lr=outer_lr,
+                          outer_momentum=outer_momentum, round_timeout=round_timeout, min_peers=min_peers,
+                          rounds=rounds, upload_slots=upload_slots)
+        coordinator = Coordinator(run, hive, Path(state_dir))
+        state = RunState(role, info={"preset": run.train.preset, "hive": dataclasses.asdict(hive),
+                                     "model": dataclasses.asdict(coordinator.trainer.model_cfg),
+                                     "config": dataclasses.asdict(run.train),
+                                     "params": coordinator.model.num_params()},
+                         status=coordinator.status)
+        state.set_state("coordinating")
+        model_host = ModelHost(f"hive-{run.train.preset}")
+        for listener in (state, model_host):
+            coordinator.events.subscribe(listener)
+        app = make_app(state, model_host, _api_limits(api_key_file))
+        add_routes(app, coordinator)
+        scheme = "wss" if context else "ws"
+        click.echo(f"hived coordinator on {scheme}://{host}:{port} (peers: hived join {scheme}://{host}:{port} "
+                   f"--key KEY); dashboard at {http}/, status at {http}/api/status", err=True)
+    web.run_app(app, host=host, port=port, ssl_context=context, print=None, access_log=None)
+
+
+def _model_state(path: str) -> tuple:
+    """The dashboard's state and the chat's model for a finished checkpoint (with the curves of
+    its run, when the run's metrics.jsonl sits beside it)."""
+    from . import checkpoint as ckpt
+    from . import metrics
+    from .dashboard import RunState
+    from .inference import load_model
+    from .serving import ModelHost
+
+    saved = ckpt.load(path)
+    model, tok = load_model(path)
+    run_dir = Path(path).resolve().parent
+    host = ModelHost(run_dir.name or "hived")
+    host.publish(model, tok, Path(path).name)
+    state = RunState("model", info={"checkpoint": str(path), "step": saved.get("step"), "steps": saved.get("step"),
+                                    "model": saved.get("model_config"), "config": saved.get("train_config"),
+                                    "params": model.num_params()})
+    if (run_dir / "metrics.jsonl").exists():
+        for record in metrics.read(run_dir):
+            state(record.pop("kind", "step"), record)
+    state.set_state("serving")
+    return state, host
 
 
 @main.command()

@@ -138,12 +138,13 @@ def build(cls: type, values: dict[str, Any], source: str):
         raise ConfigError(f"{source}: {exc}") from exc
 
 
-def configs_dir() -> Path:
-    """The ``configs/`` folder: the checkout's when run from source, else the copy in the wheel."""
-    checkout = Path(__file__).resolve().parent.parent / "configs"
+def shipped(folder: str) -> Path:
+    """A top-level folder shipped with hived (``configs``, ``web``): the checkout's when run from
+    source, else the copy inside the wheel."""
+    checkout = Path(__file__).resolve().parent.parent / folder
     if checkout.is_dir():
         return checkout
-    return Path(str(resources.files("hived") / "_data" / "configs"))
+    return Path(str(resources.files("hived") / "_data" / folder))
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -158,7 +159,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def preset_names() -> list[str]:
-    names = [p.stem for p in (configs_dir() / "models").glob("*.toml")]
+    names = [p.stem for p in (shipped("configs") / "models").glob("*.toml")]
     return sorted(names, key=_size_key)
 
 
@@ -171,7 +172,7 @@ def _size_key(name: str) -> tuple[float, str]:
 
 def load_preset(name: str) -> dict[str, Any]:
     """A preset's tables: ``model`` (shape), and optionally ``tokenizer`` and ``train``."""
-    path = configs_dir() / "models" / f"{name}.toml"
+    path = shipped("configs") / "models" / f"{name}.toml"
     if not path.is_file():
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
     return read_toml(path)

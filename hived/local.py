@@ -94,6 +94,7 @@ def train(run: RunConfig, state: dict | None = None, stream: TextIO | None = Non
         say(f"resuming at step {trainer.step} of {cfg.steps}")
     events.emit("start", step=trainer.step, steps=cfg.steps, params=trainer.model.num_params(),
                 config=dataclasses.asdict(cfg), model=dataclasses.asdict(trainer.model_cfg))
+    events.emit("weights", model=trainer.model, tokenizer=tok, label=f"step {trainer.step}")
     bad = 0
     try:
         while trainer.step < cfg.steps and not stop.is_set():
@@ -107,6 +108,7 @@ def train(run: RunConfig, state: dict | None = None, stream: TextIO | None = Non
             if step % cfg.eval_interval == 0 or last:
                 if trainer.evaluate()["improved"]:
                     save("best.pt")
+                events.emit("weights", model=trainer.model, tokenizer=tok, label=f"step {step}")
             if step % cfg.sample_interval == 0 or last:
                 trainer.sample()
             if step % cfg.checkpoint_interval == 0 and not last:

@@ -3,9 +3,11 @@
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 import torch
@@ -198,3 +200,45 @@ def test_keys_add_list_revoke(env, tmp_path):
     assert dup.returncode == 1 and "exists" in dup.stderr
     hived("keys", "revoke", "alice", "--state-dir", str(state), env=env)
     assert hived("keys", "list", "--state-dir", str(state), env=env).stdout == ""
+
+
+def test_train_serves_its_dashboard_on_a_free_port_when_the_asked_one_is_busy(env, corpus, tmp_path):
+    log = tmp_path / "train.log"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "hived.cli", "train", "--data", str(corpus), "--out",
+                                 str(tmp_path / "run"), "--steps", "100000", "--port", str(port), *FAST],
+                                env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+        try:
+            deadline = time.time() + 60
+            while not (found := re.search(r"dashboard at (http://127.0.0.1:(\d+)/)", log.read_text())):
+                assert time.time() < deadline and proc.poll() is None, log.read_text()
+                time.sleep(0.2)
+            url, taken = found.group(1), int(found.group(2))
+            assert f"port {port} is taken" in log.read_text() and taken != port
+            while json.load(urllib.request.urlopen(url + "api/status"))["state"] != "training":
+                assert time.time() < deadline
+                time.sleep(0.2)
+            # A long generation runs off the event loop: the dashboard keeps answering meanwhile.
+            body = json.dumps({"prompt": "the", "max_tokens": 1000, "stream": True}).encode()
+            reply = urllib.request.urlopen(urllib.request.Request(url + "v1/completions", data=body), timeout=60)
+            reply.readline()  # the first chunk: generation is under way
+            latencies = []
+            for _ in range(5):
+                t0 = time.time()
+                steps = json.load(urllib.request.urlopen(url + "api/status", timeout=10))["last"]["step"]["step"]
+                latencies.append(time.time() - t0)
+            assert max(latencies) < 2.0 and steps > 0
+            rest = reply.read().decode()
+            assert rest.rstrip().endswith("data: [DONE]")
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_no_ui_trains_without_serving(env, corpus, tmp_path):
+    err = hived("train", "--data", str(corpus), "--out", str(tmp_path / "run"), "--steps", "3", "--no-ui", *FAST,
+                env=env).stderr
+    assert "dashboard" not in err and (tmp_path / "run" / "final.pt").exists()

@@ -250,3 +250,27 @@ def test_tls(tmp_path, env, corpus):
     finally:
         coord.kill()
         coord.wait(timeout=30)
+
+
+def test_the_coordinator_chats_with_its_latest_weights(hive_factory):
+    hive = hive_factory("--inner-steps", "2")
+    hive.join(name="p")
+    hive.wait(lambda s: s["round"] >= 2, timeout=120)
+    base = f"http://127.0.0.1:{hive.port}"
+
+    def weights() -> str:
+        return json.load(urllib.request.urlopen(base + "/v1/models"))["data"][0]["weights"]
+
+    first = weights()
+    assert first.startswith("round ") and int(first.split()[1]) >= 1
+    body = json.dumps({"model": "hive-1m", "messages": [{"role": "user", "content": "the sea"}],
+                       "max_tokens": 10}).encode()
+    request = urllib.request.Request(base + "/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    reply = json.load(urllib.request.urlopen(request, timeout=60))
+    assert reply["choices"][0]["message"]["role"] == "assistant" and reply["usage"]["completion_tokens"] >= 1
+    deadline = time.time() + 120
+    while weights() == first:  # swapped in after each round
+        assert time.time() < deadline
+        time.sleep(0.3)
+    assert int(weights().split()[1]) > int(first.split()[1])

@@ -7,7 +7,7 @@ held-out split. A round closes when every peer of the round has reported or left
 round timeout once ``min_peers`` have reported: a vanished peer costs at most one timeout.
 
 It runs inside the aiohttp daemon (``hived serve --role coordinator``): the peer WebSocket is
-``/ws/peer`` and the status is ``GET /api/status`` on the same port.
+``/ws/peer``, on the same port as the status (``GET /api/status``), the dashboard and the chat.
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ class Round:
     accepted: int = 0
     clipped: int = 0
     rejected: int = 0
+    late: int = 0  # reports for earlier rounds that arrived during this one
     bytes_in: int = 0
     bytes_out: int = 0
     waiting: deque[str] = field(default_factory=deque)  # peers ready to upload, in order
@@ -200,6 +201,7 @@ class Coordinator:
         self.model.load_state_dict(state["model"])
         self.outer.load_state_dict(state["outer"])
         self.round, self.cursor, self.tokens = state["round"], state["cursor"], state["tokens"]
+        self.trainer.step = self.round
         self.ledger = state["ledger"]
         self.history = state["history"]
         self.guard.norms.extend(state["norms"])
@@ -244,6 +246,7 @@ class Coordinator:
     async def run_rounds(self) -> None:
         loop = asyncio.get_running_loop()
         evaluate: Callable[[], None] | None = None  # the last applied round's evaluation, not yet run
+        self.events.emit("weights", model=self.model, tokenizer=self.trainer.tokenizer, label=f"round {self.round}")
         while self.hive.rounds == 0 or self.round < self.hive.rounds:
             ready = [p for p in self.peers.values() if not p.ws.closed]
             if len(ready) < max(1, self.hive.min_peers):
@@ -339,15 +342,19 @@ class Coordinator:
         self.outer.step()
         self.outer.zero_grad(set_to_none=True)
         self.round += 1
+        self.trainer.step = self.round  # a coordinator's evaluations and samples are labelled by round
         self.tokens += sum(t for _, t in rnd.losses)
         rnd.apply = time.time() - t0
 
     def _evaluate_and_save(self, rnd: Round) -> None:
         val = self.trainer.evaluate()["val_loss"]
+        self.events.emit("weights", model=self.model, tokenizer=self.trainer.tokenizer, label=f"round {self.round}")
+        if self.round % max(1, self.run.train.sample_interval // self._steps_per_round()) == 0:
+            self.trainer.sample()
         loss = sum(l * t for l, t in rnd.losses) / max(1, sum(t for _, t in rnd.losses))
         record = {
             "round": self.round, "train_loss": loss, "val_loss": val, "tokens": self.tokens,
-            "accepted": rnd.accepted, "clipped": rnd.clipped, "rejected": rnd.rejected,
+            "accepted": rnd.accepted, "clipped": rnd.clipped, "rejected": rnd.rejected, "late": rnd.late,
             "peers": len(rnd.expected), "bytes_in": rnd.bytes_in, "bytes_out": rnd.bytes_out,
             "seconds": round(rnd.closed - rnd.started, 4), "broadcast": round(rnd.broadcast, 4),
             "aggregate": round(rnd.aggregate, 4), "apply": round(rnd.apply, 4), "compute": round(rnd.compute, 4),
@@ -439,6 +446,8 @@ class Coordinator:
     async def _late(self, peer: Peer, round_: int) -> None:
         """Refuse a report for a round that has closed, and count it."""
         self.late += 1
+        if self.current is not None:
+            self.current.late += 1
         await peer.ws.send_bytes(encode(Ack(round_, "late", "the round had closed")))
 
     async def _grant(self, rnd: Round) -> None:
@@ -553,12 +562,10 @@ def _shape(packed: Any) -> tuple[int, ...] | None:
 COORDINATOR = web.AppKey("coordinator", Coordinator)
 
 
-def make_app(coordinator: Coordinator) -> web.Application:
-    """The daemon's aiohttp application: peer WebSocket and JSON API on one port."""
-    app = web.Application()
+def add_routes(app: web.Application, coordinator: Coordinator) -> None:
+    """The peers' WebSocket, and the rounds running for as long as the app does."""
     app[COORDINATOR] = coordinator
     app.router.add_get("/ws/peer", coordinator.handle_peer)
-    app.router.add_get("/api/status", lambda request: web.json_response(request.app[COORDINATOR].status()))
 
     async def start_rounds(app: web.Application) -> None:
         app[ROUNDS] = asyncio.create_task(app[COORDINATOR].run_rounds())
@@ -576,7 +583,6 @@ def make_app(coordinator: Coordinator) -> web.Application:
 
     app.on_startup.append(start_rounds)
     app.on_cleanup.append(stop_rounds)
-    return app
 
 
 ROUNDS = web.AppKey("rounds", asyncio.Task)

@@ -1,0 +1,118 @@
+"""The dashboard and the chat page in a real browser: Debian's Chromium, headless, driven by
+Playwright, against real daemons on 127.0.0.1.
+
+Without Chromium or Playwright these tests are skipped, unless HIVED_REQUIRE_BROWSER is set
+(CI sets it, so a missing browser fails there instead of passing quietly).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from test_hive import Hive, free_port
+
+CHROMIUM = os.environ.get("HIVED_CHROMIUM", "/usr/bin/chromium")
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:
+    sync_playwright = None
+
+if not os.environ.get("HIVED_REQUIRE_BROWSER") and (sync_playwright is None or not Path(CHROMIUM).exists()):
+    pytest.skip(f"needs Playwright and Chromium at {CHROMIUM} (apt install chromium; pip install playwright)",
+                allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM,
+                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield b
+        b.close()
+
+
+def count(page, selector_js: str) -> int:
+    return page.evaluate(f"() => Number({selector_js})")
+
+
+POINTS = "Number(document.querySelector('#chart-loss').dataset.points || 0)"
+SAMPLES = "document.querySelectorAll('#samples .sample').length"
+
+
+def test_dashboard_follows_a_real_training_run_and_chat_streams(browser, tmp_path, corpus, env):
+    port = free_port()
+    train = subprocess.Popen(
+        [sys.executable, "-m", "hived.cli", "train", "--data", str(corpus), "--out", str(tmp_path / "run"),
+         "--steps", "5000", "--batch-size", "4", "--eval-interval", "20", "--eval-tokens", "2048",
+         "--sample-interval", "25", "--sample-tokens", "30", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / "train.log").open("w"), text=True)
+    try:
+        deadline = time.time() + 60
+        while f"dashboard at http://127.0.0.1:{port}/" not in (tmp_path / "train.log").read_text():
+            assert time.time() < deadline and train.poll() is None, (tmp_path / "train.log").read_text()
+            time.sleep(0.2)
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_function(f"() => {POINTS} > 0 && {SAMPLES} > 0", timeout=60_000)
+        points, samples = count(page, POINTS), count(page, SAMPLES)
+        page.wait_for_function(f"() => {POINTS} > {points + 20} && {SAMPLES} > {samples}", timeout=60_000)
+        assert not errors
+        assert "/ 5000" in page.text_content("#progress")
+        assert page.text_content("#state") == "training"
+        assert page.text_content("#samples .meta").startswith("step ")  # newest first, with its step
+        steps = [int(t.split()[1]) for t in page.eval_on_selector_all("#samples .meta", "es => es.map(e => e.textContent)")]
+        assert steps == sorted(steps, reverse=True)
+        shown = count(page, POINTS)
+        page.reload()  # the whole history comes back from the JSON API
+        page.wait_for_function(f"() => {POINTS} >= {shown}", timeout=30_000)
+        page.select_option("#xaxis", "tokens")
+        assert page.text_content("#chart-loss") and "tokens" in page.text_content("#chart-loss")
+
+        chat = browser.new_page()
+        chat.on("pageerror", lambda e: errors.append(str(e)))
+        chat.goto(f"http://127.0.0.1:{port}/chat")
+        chat.fill("#max_tokens", "60")
+        chat.fill("#prompt", "the night was dark")
+        chat.press("#prompt", "Enter")
+        chat.wait_for_selector(".msg.assistant[data-state=done]", timeout=60_000)
+        reply = chat.locator(".msg.assistant")
+        assert reply.get_attribute("class") == "msg assistant"  # not an error
+        assert int(reply.get_attribute("data-chunks")) >= 2  # streamed in pieces, not one block
+        assert reply.text_content()
+        assert chat.text_content(".msg.user") == "the night was dark"
+        assert not errors
+    finally:
+        train.kill()
+        train.wait(timeout=10)
+
+
+def test_peer_names_show_as_text(browser, tmp_path, env, corpus):
+    evil = "<img src=x onerror=alert(1)>"
+    hive = Hive(tmp_path, env, corpus, "--inner-steps", "2")
+    try:
+        hive.join(name=evil)
+        hive.wait(lambda s: s["round"] >= 1, timeout=120)
+        page = browser.new_page()
+        dialogs: list[str] = []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(f"http://127.0.0.1:{hive.port}/")
+        page.wait_for_function("() => document.querySelectorAll('#rounds tr').length > 0", timeout=60_000)
+        page.wait_for_function(f"() => document.querySelector('#peers').textContent.includes({evil!r})",
+                               timeout=30_000)
+        assert page.locator("#peers img").count() == 0 and page.locator("img").count() == 0
+        assert page.text_content("#role") == "coordinator"
+        time.sleep(1)
+        assert dialogs == []
+        status = urllib.request.urlopen(f"http://127.0.0.1:{hive.port}/api/status").read().decode()
+        assert "onerror" in status  # the API returns the name as it is; only the page must not run it
+    finally:
+        hive.close()
