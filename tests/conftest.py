@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,9 @@ def hived(*args: str, env: dict[str, str], timeout: float = 120, cwd: Path | Non
     if check and proc.returncode != 0:
         raise AssertionError(f"hived {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -17,13 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from conftest import FAST, hived, make_corpus
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import FAST, free_port, hived, make_corpus
 
 
 def wait_for(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from test_hive import Hive, free_port
+from conftest import free_port
+from test_hive import Hive
 
 CHROMIUM = os.environ.get("HIVED_CHROMIUM", "/usr/bin/chromium")
 try:

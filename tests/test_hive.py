@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,10 @@ import pytest
 
 from hived import checkpoint
 
-from conftest import hived
+from conftest import free_port, hived
 
 HERE = Path(__file__).parent
 FAST = ["--batch-size", "4", "--eval-tokens", "4096", "--warmup-steps", "2", "--lr", "0.003"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Hive:
