@@ -67,6 +67,16 @@ def daemon(trained):
     d.stop()
 
 
+def test_a_served_checkpoint_shows_its_run(daemon):
+    status = json.load(urllib.request.urlopen(daemon.url + "/api/status"))
+    assert status["role"] == "model" and status["state"] == "serving" and status["info"]["step"] == 40
+    history = json.load(urllib.request.urlopen(daemon.url + "/api/history"))
+    assert [p["step"] for p in history["step"]] == list(range(1, 41))  # the curves, from its metrics.jsonl
+    assert history["eval"] and all(p["val_loss"] > 0 for p in history["eval"])
+    page = urllib.request.urlopen(daemon.url + "/").read().decode()
+    assert "/static/dashboard.js" in page
+
+
 def test_models_and_chat_completions(daemon):
     client = daemon.client()
     models = client.models.list().data
