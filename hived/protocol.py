@@ -199,17 +199,18 @@ def pack(t: torch.Tensor, compression: str = "fp32") -> dict:
 
 def _quantize(t: torch.Tensor, compression: str) -> tuple[dict, torch.Tensor | None]:
     """The packed map, and (except for fp32) the values the receiver will decode, computed
-    without a round trip through bytes."""
+    without a round trip through bytes (in half precision for fp16 and bf16: arithmetic with
+    float32 tensors promotes them as it goes)."""
     t = t.detach().to("cpu", torch.float32).contiguous()
     shape = list(t.shape)
     if compression == "fp32":
         return {"dtype": "fp32", "shape": shape, "data": t.numpy().tobytes()}, None
     if compression == "fp16":
         h = t.half()
-        return {"dtype": "fp16", "shape": shape, "data": h.numpy().tobytes()}, h.float()
+        return {"dtype": "fp16", "shape": shape, "data": h.numpy().tobytes()}, h
     if compression == "bf16":
         b = t.bfloat16()
-        return {"dtype": "bf16", "shape": shape, "data": b.view(torch.int16).numpy().tobytes()}, b.float()
+        return {"dtype": "bf16", "shape": shape, "data": b.view(torch.int16).numpy().tobytes()}, b
     if compression == "int8":
         flat = t.flatten()
         pad = (-flat.numel()) % INT8_BLOCK
@@ -275,9 +276,11 @@ class ErrorFeedback:
         t = t.detach().float().cpu()
         if self.compression == "fp32":
             return pack(t, "fp32")
-        target = t + self.residual[name] if name in self.residual else t
+        # The residual becomes the target in place, then what the receiver will decode is taken
+        # off it in place: no temporaries the size of the tensor.
+        target = self.residual[name].add_(t) if name in self.residual else t.clone()
         packed, received = _quantize(target, self.compression)
-        self.residual[name] = target - received
+        self.residual[name] = target.sub_(received)
         return packed
 
 
