@@ -3,7 +3,8 @@
 A coordinator (`hived serve`) and two peers (`hived join`) train a 4.2M-parameter model (6
 layers, width 240) with one tiny step per round, so a round is almost all communication. For
 each round the coordinator records its phases; the overhead is the round's wall time minus the
-slowest peer's own compute time, i.e. broadcast + upload + aggregate (and the outer step).
+slowest peer's own training time, plus the gap between rounds: broadcast, upload, aggregation,
+the outer step and anything else the coordinator does between two rounds (start to start).
 
     python bench/hive.py [--rounds 12] [--compressions fp32 fp16 bf16 int8]
     python bench/hive.py --convergence ../shared/data/tinyshakespeare.txt --rounds 10
@@ -94,14 +95,17 @@ def run_hive(serve_args: list[str], rounds: int, peers: int, timeout: float = 18
 
 def measure(compression: str, rounds: int, warmup: int, peers: int) -> dict:
     s = run_hive(["--config", "{run.toml}", "--compression", compression, "--inner-steps", "1", "--batch-size", "1",
-                  "--eval-tokens", "1024"], rounds + warmup, peers, timeout=600)
+                  "--eval-tokens", "256"], rounds + warmup, peers, timeout=600)
     hist = s["history"][warmup:]
     med = lambda key: statistics.median(r[key] for r in hist)  # noqa: E731
-    overhead = statistics.median(r["seconds"] - r["compute"] + r["apply"] for r in hist)
+    # start to start: the round itself, less the slowest peer's training, plus the gap before the
+    # next round (the outer step and whatever else the coordinator did in between)
+    overhead = statistics.median(r["seconds"] - r["compute"] + r["between"] for r in hist[1:])
     return {
         "compression": compression, "parameters": s["parameters"], "rounds": len(hist),
         "round_s": med("seconds"), "peer_compute_s": med("compute"), "overhead_s": overhead,
         "broadcast_s": med("broadcast"), "aggregate_s": med("aggregate"), "apply_s": med("apply"),
+        "between_s": med("between"),
         "up_bytes_per_peer": med("bytes_in") / peers, "down_bytes_per_peer": med("bytes_out") / peers,
     }
 
@@ -243,12 +247,12 @@ def main() -> None:
     raw = rows[0]["parameters"] * 4
     print(f"{rows[0]['parameters']:,} parameters, {args.peers} peers, medians over {args.rounds} rounds; "
           f"raw fp32 = {raw / 1e6:.1f} MB per direction per peer")
-    print("compression  round s  peer compute s  overhead s  (broadcast  aggregate  apply)  "
+    print("compression  round s  peer compute s  overhead s  (broadcast  aggregate  apply  between)  "
           "up MB/peer  down MB/peer  up vs fp32  both vs fp32")
     for r in rows:
         up, down = r["up_bytes_per_peer"], r["down_bytes_per_peer"]
         print(f"{r['compression']:11s}  {r['round_s']:7.3f}  {r['peer_compute_s']:14.3f}  {r['overhead_s']:10.3f}  "
-              f"({r['broadcast_s']:9.3f}  {r['aggregate_s']:9.3f}  {r['apply_s']:5.3f})  {up / 1e6:10.2f}  "
+              f"({r['broadcast_s']:9.3f}  {r['aggregate_s']:9.3f}  {r['apply_s']:5.3f}  {r['between_s']:7.3f})  {up / 1e6:10.2f}  "
               f"{down / 1e6:12.2f}  {raw / up:9.2f}x  {2 * raw / (up + down):11.2f}x")
 
 

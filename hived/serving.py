@@ -14,11 +14,11 @@ ending with ``Assistant:`` for the model to continue; the reply stops at the nex
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
 
 from .generate import SamplingParams, Usage, stream
 from .model import GPT
@@ -61,10 +61,7 @@ class ModelHost:
 
     def publish(self, model: GPT, tokenizer: Tokenizer, label: str) -> None:
         """Take a snapshot of ``model``'s weights (from the training thread)."""
-        copy = GPT(model.cfg).to(next(model.parameters()).device)
-        with torch.no_grad():
-            copy.load_state_dict(model.state_dict())
-        self._snapshot = copy.eval(), tokenizer
+        self._snapshot = copy.deepcopy(model).eval(), tokenizer  # copies the tensors; no re-initialisation
         self.label = label
 
     async def stream(self, prompt: str, params: SamplingParams, usage: Usage) -> AsyncIterator[str]:

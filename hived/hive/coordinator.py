@@ -13,6 +13,7 @@ It runs inside the aiohttp daemon (``hived serve --role coordinator``): the peer
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import functools
 import logging
@@ -22,6 +23,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +126,8 @@ class Round:
     compute: float = 0.0  # the slowest peer's own training time
     apply: float = 0.0  # seconds for the outer optimizer step
     closed: float = 0.0
-    evaluation: asyncio.Future | None = None  # the previous round's, running while peers train
+    between: float = 0.0  # seconds from the previous round's close to this one's start
+    tokens_after: int = 0  # the hive's tokens once this round is applied
 
 
 class FailedAttempts:
@@ -179,6 +182,10 @@ class Coordinator:
         self.current: Round | None = None
         self.changed = asyncio.Event()
         self.sending = asyncio.Semaphore(hive.send_slots)
+        self.background = ThreadPoolExecutor(1, thread_name_prefix="hived-evaluate")  # in order, one at a time
+        self.evaluating: asyncio.Future | None = None
+        self.pending: Callable[[], None] | None = None  # the last round's evaluation, not yet started
+        self.last_closed = 0.0
         self.started = time.time()
         if state:
             self._restore(state)
@@ -207,15 +214,21 @@ class Coordinator:
         self.guard.norms.extend(state["norms"])
         log.info("resumed the hive at round %d from %s", self.round, self.state_dir / STATE_FILE)
 
-    def save(self) -> None:
-        checkpoint.save({
-            "model": self.model.state_dict(), "outer": self.outer.state_dict(),
+    def state(self, model: torch.nn.Module | None = None) -> dict[str, Any]:
+        """The whole state as it is now, copied, so it can be written later from another thread
+        while the rounds go on (``model``: a snapshot already taken of the weights)."""
+        return {
+            "model": (model or copy.deepcopy(self.model)).state_dict(),
+            "outer": copy.deepcopy(self.outer.state_dict()),
             "round": self.round, "cursor": self.cursor, "tokens": self.tokens,
-            "ledger": self.ledger, "history": self.history, "norms": list(self.guard.norms),
+            "ledger": copy.deepcopy(self.ledger), "history": list(self.history), "norms": list(self.guard.norms),
             "model_config": dataclasses.asdict(self.trainer.model_cfg),
             "train_config": dataclasses.asdict(self.run.train), "hive_config": dataclasses.asdict(self.hive),
             "tokenizer": self.trainer.tokenizer.to_json(), "data_key": self.data_key,
-        }, self.state_dir / STATE_FILE)
+        }
+
+    def save(self) -> None:
+        checkpoint.save(self.state(), self.state_dir / STATE_FILE)
 
     # ----------------------------------------------------------------- rounds
 
@@ -244,38 +257,47 @@ class Coordinator:
         return work
 
     async def run_rounds(self) -> None:
-        loop = asyncio.get_running_loop()
-        evaluate: Callable[[], None] | None = None  # the last applied round's evaluation, not yet run
+        """Rounds back to back. Each applied round is evaluated (and checkpointed, and handed to
+        the chat) on a snapshot of its weights in a background thread, started once the next
+        round's weights are out, so it runs while the peers train instead of delaying them."""
         self.events.emit("weights", model=self.model, tokenizer=self.trainer.tokenizer, label=f"round {self.round}")
         while self.hive.rounds == 0 or self.round < self.hive.rounds:
             ready = [p for p in self.peers.values() if not p.ws.closed]
             if len(ready) < max(1, self.hive.min_peers):
-                if evaluate is not None:
-                    await loop.run_in_executor(None, evaluate)
-                    evaluate = None
+                self._start_evaluation()  # no round to overlap it with
                 self.changed.clear()
                 await self.changed.wait()
                 continue
-            rnd = await self._run_round(ready, evaluate)
-            evaluate = None
-            if rnd.evaluation is not None:
-                await rnd.evaluation
+            rnd = await self._run_round(ready)
             if rnd.accepted == 0:
                 continue  # nothing usable arrived: the same round number is tried again
             self._apply(rnd)
-            evaluate = functools.partial(self._evaluate_and_save, rnd)
-        if evaluate is not None:
-            await loop.run_in_executor(None, evaluate)
+            model = copy.deepcopy(self.model).eval()
+            state = self.state(model) if self.round % self.run.train.checkpoint_interval == 0 else None
+            await self.evaluated()  # the previous round's: one at a time, in order
+            self.pending = functools.partial(self._evaluate_and_save, rnd, model, state)
+        self._start_evaluation()
+        await self.evaluated()
 
-    async def _run_round(self, peers: list[Peer], evaluate: Callable[[], None] | None) -> Round:
-        """One round. ``evaluate`` (the previous round's evaluation) starts once the weights are
-        sent, so it runs while the peers train instead of delaying them."""
+    def _start_evaluation(self) -> None:
+        if self.pending is not None:
+            self.evaluating = asyncio.get_running_loop().run_in_executor(self.background, self.pending)
+            self.pending = None
+
+    async def evaluated(self) -> None:
+        """Wait for the evaluation in progress, if any."""
+        if self.evaluating is not None:
+            await self.evaluating
+            self.evaluating = None
+
+    async def _run_round(self, peers: list[Peer]) -> Round:
         loop = asyncio.get_running_loop()
         cfg = self.run.train
         per_peer = cfg.batch_size * cfg.grad_accum * self._steps_per_round()
         block = self.trainer.model_cfg.block_size
         rnd = Round(self.round, {p.id for p in peers}, {p.id: per_peer * block for p in peers},
                     model_norm=model_norm(self.params))
+        rnd.between = rnd.started - self.last_closed if self.last_closed else 0.0
         self.current = rnd
         # The weights are packed a part at a time as the first peer needs them; every peer gets the
         # same frames, so the model is packed once a round whatever the number of peers.
@@ -306,7 +328,7 @@ class Coordinator:
                 rnd.expected.discard(peer.id)
 
         await asyncio.gather(*(send(p) for p in peers))
-        rnd.evaluation = loop.run_in_executor(None, evaluate) if evaluate is not None else None
+        self._start_evaluation()
         rnd.broadcast = time.time() - rnd.started
         deadline = rnd.started + self.hive.round_timeout
         while True:
@@ -323,7 +345,7 @@ class Coordinator:
             except asyncio.TimeoutError:
                 pass
         self.current = None
-        rnd.closed = time.time()
+        rnd.closed = self.last_closed = time.time()
         for p in self.peers.values():
             if p.state == "working":
                 p.state = "idle"
@@ -342,30 +364,34 @@ class Coordinator:
         self.outer.step()
         self.outer.zero_grad(set_to_none=True)
         self.round += 1
-        self.trainer.step = self.round  # a coordinator's evaluations and samples are labelled by round
         self.tokens += sum(t for _, t in rnd.losses)
+        rnd.tokens_after = self.tokens
         rnd.apply = time.time() - t0
 
-    def _evaluate_and_save(self, rnd: Round) -> None:
-        val = self.trainer.evaluate()["val_loss"]
-        self.events.emit("weights", model=self.model, tokenizer=self.trainer.tokenizer, label=f"round {self.round}")
-        if self.round % max(1, self.run.train.sample_interval // self._steps_per_round()) == 0:
-            self.trainer.sample()
+    def _evaluate_and_save(self, rnd: Round, model: torch.nn.Module, state: dict | None) -> None:
+        """In the background thread: ``model`` is the weights after ``rnd``, ``state`` the whole
+        state to checkpoint (if this round is due)."""
+        number = rnd.number + 1
+        self.trainer.step = number  # a coordinator's evaluations and samples are labelled by round
+        val = self.trainer.evaluate(model)["val_loss"]
+        self.events.emit("weights", model=model, tokenizer=self.trainer.tokenizer, label=f"round {number}")
+        if number % max(1, self.run.train.sample_interval // self._steps_per_round()) == 0:
+            self.trainer.sample(model=model)
         loss = sum(l * t for l, t in rnd.losses) / max(1, sum(t for _, t in rnd.losses))
         record = {
-            "round": self.round, "train_loss": loss, "val_loss": val, "tokens": self.tokens,
+            "round": number, "train_loss": loss, "val_loss": val, "tokens": rnd.tokens_after,
             "accepted": rnd.accepted, "clipped": rnd.clipped, "rejected": rnd.rejected, "late": rnd.late,
             "peers": len(rnd.expected), "bytes_in": rnd.bytes_in, "bytes_out": rnd.bytes_out,
             "seconds": round(rnd.closed - rnd.started, 4), "broadcast": round(rnd.broadcast, 4),
             "aggregate": round(rnd.aggregate, 4), "apply": round(rnd.apply, 4), "compute": round(rnd.compute, 4),
-            "time": time.time(),
+            "between": round(rnd.between, 4), "time": rnd.closed,
         }
         self.history.append(record)
         self.events.emit("round", **record)
         log.info("round %d: train loss %.4f, val loss %.4f, %d update(s) from %d peer(s), %.2fs",
-                 self.round, loss, val, rnd.accepted, len(rnd.expected), record["seconds"])
-        if self.round % self.run.train.checkpoint_interval == 0:
-            self.save()
+                 number, loss, val, rnd.accepted, len(rnd.expected), record["seconds"])
+        if state is not None:
+            checkpoint.save({**state, "history": list(self.history)}, self.state_dir / STATE_FILE)
 
     # ----------------------------------------------------------------- peers
 
@@ -577,9 +603,11 @@ def add_routes(app: web.Application, coordinator: Coordinator) -> None:
             await task
         except asyncio.CancelledError:
             pass
-        for peer in list(app[COORDINATOR].peers.values()):
+        coordinator = app[COORDINATOR]
+        await coordinator.evaluated()  # its checkpoint is older than the one written next
+        for peer in list(coordinator.peers.values()):
             await peer.ws.close(code=1001, message=b"coordinator shutting down")
-        app[COORDINATOR].save()
+        coordinator.save()
 
     app.on_startup.append(start_rounds)
     app.on_cleanup.append(stop_rounds)
