@@ -203,3 +203,12 @@ def test_terminal_chat_with_a_daemon(daemon, trained):
     refused = subprocess.run([sys.executable, "-m", "hived.cli", "chat", "--url", "http://127.0.0.1:9"],
                              input="", capture_output=True, text=True, env=env, timeout=60)
     assert refused.returncode == 1 and "cannot reach" in refused.stderr
+
+
+def test_the_openai_client_example(daemon, trained):
+    _, env = trained
+    example = Path(__file__).parent.parent / "clients" / "openai_chat.py"
+    out = subprocess.run([sys.executable, str(example), "--url", daemon.url, "--max-tokens", "8", "the sea"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.endswith("\n") and len(out.stdout) > 1

@@ -267,3 +267,20 @@ def test_the_coordinator_chats_with_its_latest_weights(hive_factory):
         assert time.time() < deadline
         time.sleep(0.3)
     assert int(weights().split()[1]) > int(first.split()[1])
+
+
+def test_the_volunteer_join_script(hive_factory, tmp_path):
+    """clients/join.sh with its virtual environment already in place (so nothing is downloaded):
+    the key comes from the environment, never the command line, and the peer really trains."""
+    hive = hive_factory("--inner-steps", "2")
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python").symlink_to(sys.executable)
+    (venv / "hived").write_text(f"#!/bin/sh\nexec {sys.executable} -m hived.cli \"$@\"\n")
+    (venv / "hived").chmod(0o755)
+    script = HERE.parent / "clients" / "join.sh"
+    env = {**hive.env, "HIVED_KEY": hive.key, "HIVED_VENV": str(tmp_path / "venv"), "HIVED_NAME": "volunteer"}
+    done = subprocess.run(["bash", str(script), hive.url, "--max-rounds", "1"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert hive.status()["ledger"]["volunteer"]["rounds"] == 1
