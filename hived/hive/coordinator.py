@@ -437,9 +437,11 @@ class Coordinator:
                 if msg.type != WSMsgType.BINARY:
                     raise ProtocolError("only binary frames are accepted")
                 # Frames decode off the event loop, so peers' uploads are decoded in parallel.
+                size = len(msg.data)
                 m, squared = await loop.run_in_executor(None, self._decode, msg.data)
+                del msg  # the raw frame must not outlive its decoding (see _receive)
                 if isinstance(m, Update):
-                    await self._receive(peer, m, squared, len(msg.data))
+                    await self._receive(peer, m, squared, size)
                 elif isinstance(m, Ready):
                     await self._ready(peer, m)
                 elif isinstance(m, Bye):
@@ -521,11 +523,29 @@ class Coordinator:
         if len(up.seen) < up.parts:
             return
         peer.upload = None
-        if rnd is not None and peer.id in rnd.uploading:
+        granted = rnd is not None and peer.id in rnd.uploading
+        late = rnd is None or m.round != rnd.number or peer.id not in rnd.expected or peer.id in rnd.reported
+        if granted:
             rnd.uploading.discard(peer.id)
+        if not late:
+            status, detail = self._judge(peer, rnd, up, m)
+        # Nothing of the update may outlive this point: the awaits below can wait on a slow
+        # peer's socket, and many peers holding their updates is how memory grew with peers.
+        del up
+        m.tensors = {}
+        if granted:
             await self._grant(rnd)
-        if rnd is None or m.round != rnd.number or peer.id not in rnd.expected or peer.id in rnd.reported:
+        if late:
             return await self._late(peer, m.round)
+        await peer.ws.send_bytes(encode(Ack(m.round, status, detail)))
+        self.changed.set()
+        if peer.strikes >= self.hive.max_strikes:
+            log.warning("dropping peer %s after %d bad updates", peer.name, peer.strikes)
+            await self._refuse(peer.ws, f"dropped after {peer.strikes} rejected updates", final=True)
+
+    def _judge(self, peer: Peer, rnd: Round, up: Upload, m: Update) -> tuple[str, str]:
+        """Check a complete update and add it to the round (or reject it); no awaits, so the
+        round cannot close half-way. Returns the status and detail for the peer's Ack."""
         t0 = time.time()
         scale, status, detail = self.guard.check({name: _shape(d) for name, d in up.tensors.items()},
                                                  math.sqrt(up.squared_norm), rnd.model_norm)
@@ -552,11 +572,7 @@ class Coordinator:
                 log.warning("clipped an update from %s: %s", peer.name, detail)
         rnd.aggregate += time.time() - t0
         rnd.compute = max(rnd.compute, m.seconds if math.isfinite(m.seconds) else 0.0)
-        await peer.ws.send_bytes(encode(Ack(m.round, status, detail)))
-        self.changed.set()
-        if peer.strikes >= self.hive.max_strikes:
-            log.warning("dropping peer %s after %d bad updates", peer.name, peer.strikes)
-            await self._refuse(peer.ws, f"dropped after {peer.strikes} rejected updates", final=True)
+        return status, detail
 
     # ----------------------------------------------------------------- status
 
