@@ -254,7 +254,10 @@ def test_the_coordinator_chats_with_its_latest_weights(hive_factory):
     def weights() -> str:
         return json.load(urllib.request.urlopen(base + "/v1/models"))["data"][0]["weights"]
 
-    first = weights()
+    deadline = time.time() + 120
+    while (first := weights()) == "round 0":  # published once the round's evaluation has run
+        assert time.time() < deadline
+        time.sleep(0.3)
     assert first.startswith("round ") and int(first.split()[1]) >= 1
     body = json.dumps({"model": "hive-1m", "messages": [{"role": "user", "content": "the sea"}],
                        "max_tokens": 10}).encode()
@@ -262,7 +265,6 @@ def test_the_coordinator_chats_with_its_latest_weights(hive_factory):
                                      headers={"Content-Type": "application/json"})
     reply = json.load(urllib.request.urlopen(request, timeout=60))
     assert reply["choices"][0]["message"]["role"] == "assistant" and reply["usage"]["completion_tokens"] >= 1
-    deadline = time.time() + 120
     while weights() == first:  # swapped in after each round
         assert time.time() < deadline
         time.sleep(0.3)
