@@ -35,7 +35,7 @@ class RunState:
         self.extra_status = status  # a coordinator's live status (round, peers, ledger), merged in
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._streams: set[asyncio.Queue[str]] = set()
+        self._streams: set[asyncio.Queue[str | None]] = set()
 
     # ----------------------------------------------------------------- recording (any thread)
 
@@ -95,16 +95,19 @@ class RunState:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                "X-Accel-Buffering": "no"})
         await response.prepare(request)
-        queue: asyncio.Queue[str] = asyncio.Queue()
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
         self._streams.add(queue)
         try:
             await response.write(b": connected\n\n")
             while True:
                 try:
                     text = await asyncio.wait_for(queue.get(), timeout=15)
-                    await response.write(f"data: {text}\n\n".encode())
                 except asyncio.TimeoutError:
                     await response.write(b": keep-alive\n\n")
+                    continue
+                if text is None:  # the daemon is shutting down
+                    break
+                await response.write(f"data: {text}\n\n".encode())
         except ConnectionResetError:
             pass
         finally:
@@ -113,6 +116,11 @@ class RunState:
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+
+    def end_streams(self) -> None:
+        """Let every open event stream finish, so shutting down does not wait on browser tabs."""
+        for queue in list(self._streams):
+            queue.put_nowait(None)
 
 
 def _plain(data: dict[str, Any]) -> dict[str, Any]:
@@ -129,7 +137,11 @@ def add_routes(app: web.Application, state: RunState) -> None:
     async def bind(app: web.Application) -> None:
         state.bind(asyncio.get_running_loop())
 
+    async def end_streams(app: web.Application) -> None:
+        state.end_streams()
+
     app.on_startup.append(bind)
+    app.on_shutdown.append(end_streams)
     app.router.add_get("/api/status", lambda request: web.json_response(request.app[RUN_STATE].status()))
     app.router.add_get("/api/history", lambda request: web.json_response(request.app[RUN_STATE].history()))
     app.router.add_get("/api/events", state.events)

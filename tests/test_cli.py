@@ -16,7 +16,7 @@ from hived import checkpoint
 from hived.config import ModelConfig, load_preset
 from hived.model import GPT
 
-from conftest import FAST, hived
+from conftest import FAST, free_port, hived
 
 
 def final_weights(run):
@@ -242,3 +242,25 @@ def test_no_ui_trains_without_serving(env, corpus, tmp_path):
     err = hived("train", "--data", str(corpus), "--out", str(tmp_path / "run"), "--steps", "3", "--no-ui", *FAST,
                 env=env).stderr
     assert "dashboard" not in err and (tmp_path / "run" / "final.pt").exists()
+
+
+def test_an_open_dashboard_does_not_keep_a_finished_run_alive(env, corpus, tmp_path):
+    log = tmp_path / "train.log"
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "hived.cli", "train", "--data", str(corpus), "--out",
+                             str(tmp_path / "run"), "--steps", "40", "--port", str(port), *FAST],
+                            env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    try:
+        deadline = time.time() + 60
+        while "dashboard at" not in log.read_text():
+            assert time.time() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        events = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/events", timeout=120)  # a tab left open
+        assert events.readline().startswith(b": connected")
+        assert proc.wait(timeout=120) == 0
+        ended = time.time()
+        assert ended - (tmp_path / "run" / "final.pt").stat().st_mtime < 5  # the stream did not hold it up
+        assert events.read().count(b"data: ") > 40  # every step reached the tab, then the stream ended
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
