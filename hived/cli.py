@@ -387,14 +387,14 @@ def _model_state(path: str) -> tuple:
     from . import checkpoint as ckpt
     from . import metrics
     from .dashboard import RunState
-    from .inference import load_model
+    from .inference import model_from_state
     from .serving import ModelHost
 
     saved = ckpt.load(path)
-    model, tok = load_model(path)
+    model, tok = model_from_state(saved, path)
     run_dir = Path(path).resolve().parent
     host = ModelHost(run_dir.name or "hived")
-    host.publish(model, tok, Path(path).name)
+    host.publish(model, tok, Path(path).name, snapshot=True)  # nothing else holds this model
     state = RunState("model", info={"checkpoint": str(path), "step": saved.get("step"), "steps": saved.get("step"),
                                     "model": saved.get("model_config"), "config": saved.get("train_config"),
                                     "params": model.num_params()})

@@ -12,7 +12,11 @@ from .tokenizer import Tokenizer, from_json
 
 
 def load_model(path: str | Path, device: str = "auto") -> tuple[GPT, Tokenizer]:
-    state = checkpoint.load(path)
+    return model_from_state(checkpoint.load(path), path, device)
+
+
+def model_from_state(state: dict, path: str | Path, device: str = "auto") -> tuple[GPT, Tokenizer]:
+    """The model and tokenizer of an already loaded checkpoint (``path`` names it in errors)."""
     cfg = build(ModelConfig, state["model_config"], f"{path}")
     tok = from_json(state["tokenizer"])
     if tok.vocab_size != cfg.vocab_size:

@@ -55,13 +55,17 @@ class ModelHost:
         return self._snapshot is not None
 
     def __call__(self, kind: str, data: dict) -> None:
-        """An Events listener: training announces new weights with a ``weights`` event."""
+        """An Events listener: training announces new weights with a ``weights`` event, whose
+        ``snapshot`` flag says the model is already a copy that nobody will change."""
         if kind == "weights":
-            self.publish(data["model"], data["tokenizer"], data["label"])
+            self.publish(data["model"], data["tokenizer"], data["label"], data.get("snapshot", False))
 
-    def publish(self, model: GPT, tokenizer: Tokenizer, label: str) -> None:
-        """Take a snapshot of ``model``'s weights (from the training thread)."""
-        self._snapshot = copy.deepcopy(model).eval(), tokenizer  # copies the tensors; no re-initialisation
+    def publish(self, model: GPT, tokenizer: Tokenizer, label: str, snapshot: bool = False) -> None:
+        """Chat with ``model`` from now on: a copy of it (taken here, from the training thread),
+        or the model itself when it is a ``snapshot`` no one else changes."""
+        if not snapshot:
+            model = copy.deepcopy(model)  # copies the tensors; no re-initialisation
+        self._snapshot = model.eval(), tokenizer
         self.label = label
 
     async def stream(self, prompt: str, params: SamplingParams, usage: Usage) -> AsyncIterator[str]:

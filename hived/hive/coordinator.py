@@ -374,7 +374,8 @@ class Coordinator:
         number = rnd.number + 1
         self.trainer.step = number  # a coordinator's evaluations and samples are labelled by round
         val = self.trainer.evaluate(model)["val_loss"]
-        self.events.emit("weights", model=model, tokenizer=self.trainer.tokenizer, label=f"round {number}")
+        self.events.emit("weights", model=model, tokenizer=self.trainer.tokenizer, label=f"round {number}",
+                         snapshot=True)  # this round's copy, which nothing changes: no second copy
         if number % max(1, self.run.train.sample_interval // self._steps_per_round()) == 0:
             self.trainer.sample(model=model)
         loss = sum(l * t for l, t in rnd.losses) / max(1, sum(t for _, t in rnd.losses))
