@@ -155,7 +155,7 @@ async def simulate(url: str, key: str, n: int) -> None:
     def frames(rnd: int) -> list[bytes]:
         if rnd not in cache:
             cache.clear()
-            cache[rnd] = list(tensor_frames(Update(rnd, 0, 0, 257, 3.0, 0.01), update, compression[0]))
+            cache[rnd] = [job() for job in tensor_frames(Update(rnd, 0, 0, 257, 3.0, 0.01), update, compression[0])]
         return cache[rnd]
 
     async def peer(i: int, http: aiohttp.ClientSession) -> None:

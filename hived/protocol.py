@@ -13,11 +13,15 @@ adds it to the next update (error feedback), so over rounds nothing is lost, onl
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
+import itertools
 import math
 import warnings
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import msgpack
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 import zstandard
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME_BYTES = 64 << 20  # compressed, as received
 MAX_MESSAGE_BYTES = 256 << 20  # after decompression
 CHUNK_BYTES = 1 << 20  # tensor payload per frame: a connection buffers about one part (bench/hive.py --scale)
@@ -99,6 +103,7 @@ class Work:
     windows: bytes
     steps: int  # optimizer steps (diloco: inner steps; sync: 1)
     first_step: int  # position of the first of them in the hive's learning-rate schedule
+    go: bool = False  # upload as soon as trained, without Ready and Go: the round has a slot for every peer
 
 
 @dataclass
@@ -200,17 +205,18 @@ def pack(t: torch.Tensor, compression: str = "fp32") -> dict:
 def _quantize(t: torch.Tensor, compression: str) -> tuple[dict, torch.Tensor | None]:
     """The packed map, and (except for fp32) the values the receiver will decode, computed
     without a round trip through bytes (in half precision for fp16 and bf16: arithmetic with
-    float32 tensors promotes them as it goes)."""
+    float32 tensors promotes them as it goes). The map holds views of the tensors' memory, not
+    copies: msgpack packs any buffer."""
     t = t.detach().to("cpu", torch.float32).contiguous()
     shape = list(t.shape)
     if compression == "fp32":
-        return {"dtype": "fp32", "shape": shape, "data": t.numpy().tobytes()}, None
+        return {"dtype": "fp32", "shape": shape, "data": _buffer(t)}, None
     if compression == "fp16":
         h = t.half()
-        return {"dtype": "fp16", "shape": shape, "data": h.numpy().tobytes()}, h
+        return {"dtype": "fp16", "shape": shape, "data": _buffer(h)}, h
     if compression == "bf16":
         b = t.bfloat16()
-        return {"dtype": "bf16", "shape": shape, "data": b.view(torch.int16).numpy().tobytes()}, b
+        return {"dtype": "bf16", "shape": shape, "data": _buffer(b.view(torch.int16))}, b
     if compression == "int8":
         flat = t.flatten()
         pad = (-flat.numel()) % INT8_BLOCK
@@ -218,14 +224,24 @@ def _quantize(t: torch.Tensor, compression: str) -> tuple[dict, torch.Tensor | N
         scale = blocks.abs().amax(dim=1).clamp_min(1e-12) / 127.0
         q = torch.round(blocks / scale[:, None]).clamp_(-127, 127).to(torch.int8)
         back = (q.float() * scale[:, None]).flatten()[: flat.numel()].view(t.shape)
-        return {"dtype": "int8", "shape": shape, "data": q.numpy().tobytes(),
-                "scale": scale.numpy().tobytes()}, back
+        return {"dtype": "int8", "shape": shape, "data": _buffer(q), "scale": _buffer(scale)}, back
     raise ValueError(f"unknown compression {compression!r}; use one of {', '.join(COMPRESSIONS)}")
 
 
+BUFFERS = (bytes, memoryview)  # msgpack decodes to bytes; pack() makes views
+
+
+def _buffer(t: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's bytes, shared (the view keeps the tensor alive)."""
+    return memoryview(t.numpy()).cast("B")
+
+
 def unpack(d: Any) -> torch.Tensor:
-    """The inverse of ``pack``, checking that sizes agree before touching the bytes."""
-    if not isinstance(d, dict) or not isinstance(d.get("shape"), list) or not isinstance(d.get("data"), bytes):
+    """The inverse of ``pack``, checking that sizes agree before touching the bytes. For fp32,
+    fp16 and bf16 it is a read-only view of the received bytes in the precision they travelled
+    in: whoever reads it into float32 (a norm, a sum, the model) converts as it goes, with no
+    float32 copy of the whole tensor. int8 comes back dequantized."""
+    if not isinstance(d, dict) or not isinstance(d.get("shape"), list) or not isinstance(d.get("data"), BUFFERS):
         raise ProtocolError("malformed tensor")
     shape = d["shape"]
     if not all(isinstance(s, int) and 0 <= s < 1 << 31 for s in shape) or len(shape) > 8:
@@ -239,23 +255,22 @@ def unpack(d: Any) -> torch.Tensor:
     expected = blocks * INT8_BLOCK if kind == "int8" else n * itemsize
     if len(d["data"]) != expected:
         raise ProtocolError("tensor data does not match its shape")
-    # Read-only views of the received bytes; every branch below makes its own float32 copy.
     if kind == "fp32":
-        out = torch.from_numpy(np.frombuffer(d["data"], dtype=np.float32).copy())
+        out = _view(d["data"], np.float32)
     elif kind == "fp16":
-        out = _view(d["data"], np.float16).float()
+        out = _view(d["data"], np.float16)
     elif kind == "bf16":
-        out = _view(d["data"], np.int16).view(torch.bfloat16).float()
+        out = _view(d["data"], np.int16).view(torch.bfloat16)
     else:
         scale = d.get("scale")
-        if not isinstance(scale, bytes) or len(scale) != blocks * 4:
+        if not isinstance(scale, BUFFERS) or len(scale) != blocks * 4:
             raise ProtocolError("int8 tensor has no valid scales")
         q = _view(d["data"], np.int8).view(blocks, INT8_BLOCK)
         out = (q.float() * _view(scale, np.float32)[:, None]).flatten()[:n]
     return out.view(shape)
 
 
-def _view(data: bytes, dtype) -> torch.Tensor:
+def _view(data: bytes | memoryview, dtype) -> torch.Tensor:
     with warnings.catch_warnings():  # torch warns that the buffer is read-only; it is only read
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(np.frombuffer(data, dtype=dtype))
@@ -312,12 +327,31 @@ M = TypeVar("M", Weights, Update)
 
 
 def tensor_frames(header: M, tensors: dict[str, torch.Tensor], compression: str,
-                  pack_one: Callable[[str, torch.Tensor], dict] | None = None) -> Iterator[bytes]:
+                  pack_one: Callable[[str, torch.Tensor], dict] | None = None) -> list[Callable[[], bytes]]:
     """The frames of a message that carries tensors (``header`` with every field but the parts),
-    packed and encoded one part at a time: a sender can put the first part on the wire while the
-    next is being packed, and holds one packed part at a time, not the whole model."""
+    as one job per part that packs and encodes it when called: the parts can be packed in
+    parallel threads (``packed_ahead``), and a sender holds a few packed parts at a time, not the
+    whole model."""
     pack_one = pack_one or (lambda _, t: pack(t, compression))
     parts = split({k: t.numel() for k, t in tensors.items()}, compression)
-    for i, names in enumerate(parts):
-        yield encode(dataclasses.replace(header, part=i, parts=len(parts),
-                                         tensors={k: pack_one(k, tensors[k]) for k in names}))
+    return [functools.partial(_encode_part, header, i, len(parts), {k: tensors[k] for k in names}, pack_one)
+            for i, names in enumerate(parts)]
+
+
+def _encode_part(header: M, part: int, parts: int, tensors: dict[str, torch.Tensor],
+                 pack_one: Callable[[str, torch.Tensor], dict]) -> bytes:
+    return encode(dataclasses.replace(header, part=part, parts=parts,
+                                      tensors={k: pack_one(k, t) for k, t in tensors.items()}))
+
+
+async def packed_ahead(jobs: list[Callable[[], bytes]], ahead: int = 2) -> AsyncIterator[bytes]:
+    """The jobs' frames in order, each packed on the default executor up to ``ahead`` parts before
+    it is needed: packing (which releases the GIL) runs on several cores and overlaps sending."""
+    loop = asyncio.get_running_loop()
+    todo = iter(jobs)
+    running = deque(loop.run_in_executor(None, job) for job in itertools.islice(todo, ahead))
+    while running:
+        frame = await running.popleft()
+        if (job := next(todo, None)) is not None:
+            running.append(loop.run_in_executor(None, job))
+        yield frame

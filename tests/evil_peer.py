@@ -14,8 +14,8 @@ class EvilPeer(Peer):
         super().__init__(opts)
         self.kind = kind
 
-    def work(self, weights, work):
-        header, delta = super().work(weights, work)
+    def work(self, work):
+        header, delta = super().work(work)
         if self.kind == "slow":
             time.sleep(8)  # misses the round timeout: a late report
             return header, delta

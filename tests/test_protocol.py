@@ -1,3 +1,8 @@
+import asyncio
+import functools
+import threading
+import time
+
 import msgpack
 import pytest
 import torch
@@ -7,7 +12,7 @@ from hived.hive.aggregation import UpdateGuard, WeightedMean, squared_norm
 from hived.hive.keys import KeyStore, KeyStoreError
 from hived.protocol import (CHUNK_BYTES, INT8_BLOCK, PROTOCOL_VERSION, Ack, ErrorFeedback, Hello, ProtocolError, Update, Weights,
                             Work, clean_text, decode, encode, pack, packed_nbytes, split,
-                            tensor_frames, unpack)
+                            packed_ahead, tensor_frames, unpack)
 
 
 def test_every_message_round_trips():
@@ -40,7 +45,28 @@ def test_decompression_bombs_are_capped():
 @pytest.mark.parametrize("compression, tol", [("fp32", 0), ("fp16", 1e-3), ("bf16", 1e-2)])
 def test_float_codecs(compression, tol):
     t = torch.randn(37, 11)
-    assert torch.allclose(unpack(pack(t, compression)), t, rtol=tol, atol=tol)
+    back = unpack(pack(t, compression))
+    assert back.dtype == {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[compression]
+    assert torch.allclose(back.float(), t, rtol=tol, atol=tol)
+
+
+def test_frames_are_packed_ahead_in_parallel_and_sent_in_order():
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def job(i: int) -> bytes:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05 if i % 3 == 0 else 0.01)  # some parts take longer to pack
+        with lock:
+            running[0] -= 1
+        return bytes([i])
+
+    async def collect() -> list[bytes]:
+        return [f async for f in packed_ahead([functools.partial(job, i) for i in range(7)], ahead=3)]
+
+    assert asyncio.run(collect()) == [bytes([i]) for i in range(7)]
+    assert peak[0] == 3  # packed three at a time, never more
 
 
 def test_int8_error_is_within_half_a_step_of_each_blocks_scale():
@@ -79,7 +105,7 @@ def test_error_feedback_makes_the_sum_of_sent_updates_track_the_true_sum():
 def test_tensor_frames_keep_parts_under_the_limit_and_lose_nothing(compression):
     tensors = {f"t{i}": torch.randn(100_000 + i) for i in range(10)}  # 400 kB each in fp32
     assert len(split({k: t.numel() for k, t in tensors.items()}, "fp32", limit=10_000)) == 10  # one each
-    frames = list(tensor_frames(Update(3, 0, 0, 640, 2.5, 0.1), tensors, compression))
+    frames = [job() for job in tensor_frames(Update(3, 0, 0, 640, 2.5, 0.1), tensors, compression)]
     parts = [decode(f) for f in frames]
     assert len(parts) == (5 if compression == "fp32" else 1)
     assert [(m.round, m.part, m.parts, m.tokens) for m in parts] == [(3, i, len(parts), 640) for i in range(len(parts))]
@@ -90,7 +116,7 @@ def test_tensor_frames_keep_parts_under_the_limit_and_lose_nothing(compression):
     got = {k: unpack(d) for m in parts for k, d in m.tensors.items()}
     assert got.keys() == tensors.keys()
     assert all(torch.allclose(got[k], tensors[k], atol=0.02) for k in tensors)
-    assert len(list(tensor_frames(Weights(0, 0, 0), {"w": torch.ones(300_000)}, "fp32"))) == 1  # too big: alone
+    assert len(tensor_frames(Weights(0, 0, 0), {"w": torch.ones(300_000)}, "fp32")) == 1  # too big: alone
 
 
 def test_peer_text_is_cleaned():

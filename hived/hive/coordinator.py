@@ -36,7 +36,8 @@ from ..config import ConfigError, RunConfig, TrainConfig
 from ..events import Events
 from ..local import build_trainer
 from ..protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Ack, Bye, Go, Hello, ProtocolError, Ready, Refused, Update,
-                        Weights, Welcome, Work, clean_text, decode, encode, tensor_frames, unpack)
+                        Weights, Welcome, Work, clean_text, decode, encode, packed_ahead, tensor_frames,
+                        unpack)
 from ..trainer import lr_at, make_optimizer
 from .aggregation import UpdateGuard, WeightedMean, model_norm, squared_norm
 from .keys import KeyStore
@@ -214,18 +215,25 @@ class Coordinator:
         self.guard.norms.extend(state["norms"])
         log.info("resumed the hive at round %d from %s", self.round, self.state_dir / STATE_FILE)
 
-    def state(self, model: torch.nn.Module | None = None) -> dict[str, Any]:
-        """The whole state as it is now, copied, so it can be written later from another thread
-        while the rounds go on (``model``: a snapshot already taken of the weights)."""
+    def state(self) -> dict[str, Any]:
+        """The whole state as it is now, copied, so it can be written from another thread while
+        the rounds go on."""
+        return {**self._meta(), **self._tensors(copy.deepcopy(self.model))}
+
+    def _meta(self) -> dict[str, Any]:
+        """The state but the tensors, copied (cheap: taken on the event loop, which changes it)."""
         return {
-            "model": (model or copy.deepcopy(self.model)).state_dict(),
-            "outer": copy.deepcopy(self.outer.state_dict()),
             "round": self.round, "cursor": self.cursor, "tokens": self.tokens,
             "ledger": copy.deepcopy(self.ledger), "history": list(self.history), "norms": list(self.guard.norms),
             "model_config": dataclasses.asdict(self.trainer.model_cfg),
             "train_config": dataclasses.asdict(self.run.train), "hive_config": dataclasses.asdict(self.hive),
             "tokenizer": self.trainer.tokenizer.to_json(), "data_key": self.data_key,
         }
+
+    def _tensors(self, model: torch.nn.Module) -> dict[str, Any]:
+        """The weights (``model``: a copy already taken) and a copy of the outer optimizer; the
+        outer optimizer only changes in ``_apply``, so this may run in the background thread."""
+        return {"model": model.state_dict(), "outer": copy.deepcopy(self.outer.state_dict())}
 
     def save(self) -> None:
         checkpoint.save(self.state(), self.state_dir / STATE_FILE)
@@ -248,11 +256,11 @@ class Coordinator:
         cfg.update(data=[], out="", resume=False, device="auto", cache_dir="", compile=False)
         return cfg
 
-    def _work(self, rnd: int, count: int) -> Work:
+    def _work(self, rnd: int, count: int, go: bool) -> Work:
         data = self.trainer.data
         rows = data.train[data.offsets(self.cursor, count)[:, None] + np.arange(data.block_size + 1)]
         work = Work(round=rnd, start=self.cursor, count=count, dtype=rows.dtype.name, windows=rows.tobytes(),
-                    steps=self._steps_per_round(), first_step=rnd * self._steps_per_round())
+                    steps=self._steps_per_round(), first_step=rnd * self._steps_per_round(), go=go)
         self.cursor += count
         return work
 
@@ -271,11 +279,12 @@ class Coordinator:
             rnd = await self._run_round(ready)
             if rnd.accepted == 0:
                 continue  # nothing usable arrived: the same round number is tried again
+            # The previous round's job copies the weights it evaluates: it must be done before they change.
+            self._start_evaluation()
+            await self.evaluated()
             self._apply(rnd)
-            model = copy.deepcopy(self.model).eval()
-            state = self.state(model) if self.round % self.run.train.checkpoint_interval == 0 else None
-            await self.evaluated()  # the previous round's: one at a time, in order
-            self.pending = functools.partial(self._evaluate_and_save, rnd, model, state)
+            due = self.round % self.run.train.checkpoint_interval == 0
+            self.pending = functools.partial(self._evaluate_and_save, rnd, self._meta() if due else None)
         self._start_evaluation()
         await self.evaluated()
 
@@ -291,7 +300,6 @@ class Coordinator:
             self.evaluating = None
 
     async def _run_round(self, peers: list[Peer]) -> Round:
-        loop = asyncio.get_running_loop()
         cfg = self.run.train
         per_peer = cfg.batch_size * cfg.grad_accum * self._steps_per_round()
         block = self.trainer.model_cfg.block_size
@@ -301,16 +309,19 @@ class Coordinator:
         self.current = rnd
         # The weights are packed a part at a time as the first peer needs them; every peer gets the
         # same frames, so the model is packed once a round whatever the number of peers.
-        parts = tensor_frames(Weights(self.round, 0, 0), {k: p.data for k, p in self.params.items()},
-                              self.hive.compression)
+        parts = packed_ahead(tensor_frames(Weights(self.round, 0, 0), {k: p.data for k, p in self.params.items()},
+                                           self.hive.compression))
         frames: list[bytes] = []
         packing = asyncio.Lock()
 
         async def frame(i: int) -> bytes | None:
             async with packing:
-                if i == len(frames) and (f := await loop.run_in_executor(None, next, parts, None)) is not None:
+                if i == len(frames) and (f := await anext(parts, None)) is not None:
                     frames.append(f)
             return frames[i] if i < len(frames) else None
+
+        # With a slot for every peer, each may upload as soon as it is done: no Ready/Go round trip.
+        go = len(peers) <= self.hive.upload_slots
 
         async def send(peer: Peer) -> None:
             try:
@@ -320,7 +331,9 @@ class Coordinator:
                         await peer.ws.send_bytes(f)
                     rnd.bytes_out += len(f)
                     i += 1
-                work = encode(self._work(rnd.number, per_peer))
+                if go:
+                    rnd.uploading.add(peer.id)
+                work = encode(self._work(rnd.number, per_peer, go))
                 await peer.ws.send_bytes(work)
                 rnd.bytes_out += len(work)
                 peer.state, peer.sent_at = "working", time.time()
@@ -368,9 +381,12 @@ class Coordinator:
         rnd.tokens_after = self.tokens
         rnd.apply = time.time() - t0
 
-    def _evaluate_and_save(self, rnd: Round, model: torch.nn.Module, state: dict | None) -> None:
-        """In the background thread: ``model`` is the weights after ``rnd``, ``state`` the whole
-        state to checkpoint (if this round is due)."""
+    def _evaluate_and_save(self, rnd: Round, meta: dict | None) -> None:
+        """In the background thread, between ``rnd``'s outer step and the next one: copy the
+        weights, evaluate them, hand them to the chat and checkpoint (``meta``: the rest of the
+        state, if this round is due)."""
+        model = copy.deepcopy(self.model).eval()
+        state = {**meta, **self._tensors(model)} if meta is not None else None
         number = rnd.number + 1
         self.trainer.step = number  # a coordinator's evaluations and samples are labelled by round
         val = self.trainer.evaluate(model)["val_loss"]

@@ -26,7 +26,8 @@ from ..config import ModelConfig, TrainConfig, build
 from ..data import Windows
 from ..device import pick_device
 from ..protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Ack, Bye, ErrorFeedback, Go, Hello, ProtocolError, Ready,
-                        Refused, Update, Weights, Welcome, Work, decode, encode, tensor_frames, unpack)
+                        Refused, Update, Weights, Welcome, Work, decode, encode, packed_ahead, tensor_frames,
+                        unpack)
 from ..tokenizer import from_json
 from ..trainer import Trainer
 
@@ -63,6 +64,7 @@ class Peer:
         self.mode = "diloco"  # set from the coordinator's Welcome
         self.identity: str | None = None  # what the trainer was built for
         self.rounds = 0
+        self.loaded: set[str] = set()  # the parameters loaded from this round's weights
 
     def _setup(self, welcome: Welcome) -> None:
         identity = json.dumps([welcome.model_config, welcome.train_config, welcome.tokenizer, welcome.mode,
@@ -79,18 +81,30 @@ class Peer:
         log.info("joined: %s mode, %s updates, %s parameters on %s", welcome.mode, welcome.compression,
                  f"{self.trainer.model.num_params():,}", self.device)
 
-    def work(self, weights: dict[str, torch.Tensor], work: Work) -> tuple[Update, dict[str, torch.Tensor]]:
-        """Train on one round's windows from the given weights (runs in a thread). Returns the
-        update's header and its tensors, packed only once the coordinator says go; ``seconds`` is
+    def load(self, m: Weights) -> None:
+        """Copy one part of the coordinator's weights into the model, converting from the
+        precision they travelled in as it goes (runs in a thread; the model is idle between
+        rounds)."""
+        params = dict(self.trainer.model.named_parameters())
+        if m.part == 0:
+            self.loaded.clear()
+        with torch.no_grad():
+            for name, d in m.tensors.items():
+                t = unpack(d)
+                if name not in params or t.shape != params[name].shape:
+                    raise ProtocolError(f"weights do not match the model ({name})")
+                params[name].copy_(t)
+                self.loaded.add(name)
+
+    def work(self, work: Work) -> tuple[Update, dict[str, torch.Tensor]]:
+        """Train on one round's windows from the weights just loaded (runs in a thread). Returns
+        the update's header and its tensors, packed once the coordinator says go; ``seconds`` is
         the training alone, so the coordinator can tell round overhead from compute."""
         t0 = time.perf_counter()
         trainer = self.trainer
         params = dict(trainer.model.named_parameters())
-        if set(weights) != set(params):
-            raise ProtocolError("weights do not match the model")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(weights[name].view_as(p))
+        if self.loaded != set(params):
+            raise ProtocolError("work arrived before the whole model")
         rows = np.frombuffer(work.windows, dtype=np.dtype(work.dtype)).reshape(work.count, -1)
         if rows.shape[1] != trainer.model_cfg.block_size + 1:
             raise ProtocolError("work windows do not match the model's context")
@@ -100,7 +114,7 @@ class Peer:
         if self.mode == "diloco":
             start = {k: p.detach().clone() for k, p in params.items()}
             losses = [trainer.train_step()["loss"] for _ in range(work.steps)]
-            delta = {k: start[k] - p.detach() for k, p in params.items()}
+            delta = {k: start[k].sub_(p.detach()) for k, p in params.items()}  # start minus end, in place
             loss = sum(losses) / len(losses)
         else:
             delta, loss = trainer.gradients()
@@ -110,10 +124,8 @@ class Peer:
 
     async def upload(self, ws: aiohttp.ClientWebSocketResponse, header: Update, delta: dict[str, torch.Tensor]) -> None:
         """Pack (with error feedback) and send the update a part at a time, packing off the event
-        loop so each part is on the wire while the next is packed."""
-        loop = asyncio.get_running_loop()
-        frames = tensor_frames(header, delta, self.feedback.compression, self.feedback.pack)
-        while (frame := await loop.run_in_executor(None, next, frames, None)) is not None:
+        loop so parts are on the wire while the next ones are packed."""
+        async for frame in packed_ahead(tensor_frames(header, delta, self.feedback.compression, self.feedback.pack)):
             await ws.send_bytes(frame)
 
     async def session(self, ws: aiohttp.ClientWebSocketResponse) -> bool:
@@ -121,12 +133,11 @@ class Peer:
         loop = asyncio.get_running_loop()
         await ws.send_bytes(encode(Hello(PROTOCOL_VERSION, self.opts.key, self.opts.name,
                                          device_description(self.device))))
-        weights: dict[str, torch.Tensor] = {}
         pending: tuple[Update, dict[str, torch.Tensor]] | None = None  # waiting for the coordinator's Go
         async for msg in ws:
             if msg.type != aiohttp.WSMsgType.BINARY:
                 break
-            m = decode(msg.data)
+            m = await loop.run_in_executor(None, decode, msg.data)  # weights parts decode while more arrive
             if isinstance(m, Refused):
                 if m.final:
                     raise Refusal(m.reason)
@@ -135,12 +146,14 @@ class Peer:
             if isinstance(m, Welcome):
                 await loop.run_in_executor(None, self._setup, m)
             elif isinstance(m, Weights):
-                if m.part == 0:
-                    weights = {}
-                weights.update({k: unpack(d) for k, d in m.tensors.items()})
+                await loop.run_in_executor(None, self.load, m)
             elif isinstance(m, Work):
-                pending = await loop.run_in_executor(None, self.work, weights, m)
-                await ws.send_bytes(encode(Ready(m.round)))
+                pending = await loop.run_in_executor(None, self.work, m)
+                if m.go:
+                    await self.upload(ws, *pending)
+                    pending = None
+                else:
+                    await ws.send_bytes(encode(Ready(m.round)))
             elif isinstance(m, Go) and pending is not None and pending[0].round == m.round:
                 await self.upload(ws, *pending)
                 pending = None
