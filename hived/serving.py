@@ -55,10 +55,10 @@ class ModelHost:
         return self._snapshot is not None
 
     def __call__(self, kind: str, data: dict) -> None:
-        """An Events listener: training announces new weights with a ``weights`` event, whose
-        ``snapshot`` flag says the model is already a copy that nobody will change."""
+        """An Events listener: training announces new weights with a ``weights`` event (its own
+        model, which it goes on changing: copied here)."""
         if kind == "weights":
-            self.publish(data["model"], data["tokenizer"], data["label"], data.get("snapshot", False))
+            self.publish(data["model"], data["tokenizer"], data["label"])
 
     def publish(self, model: GPT, tokenizer: Tokenizer, label: str, snapshot: bool = False) -> None:
         """Chat with ``model`` from now on: a copy of it (taken here, from the training thread),

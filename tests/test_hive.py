@@ -265,7 +265,7 @@ def test_the_coordinator_chats_with_its_latest_weights(hive_factory):
                                      headers={"Content-Type": "application/json"})
     reply = json.load(urllib.request.urlopen(request, timeout=60))
     assert reply["choices"][0]["message"]["role"] == "assistant" and reply["usage"]["completion_tokens"] >= 1
-    while weights() == first:  # swapped in after each round
+    while weights() == first:  # swapped in as rounds go by (at most every CHAT_REFRESH seconds)
         assert time.time() < deadline
         time.sleep(0.3)
     assert int(weights().split()[1]) > int(first.split()[1])

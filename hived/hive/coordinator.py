@@ -44,6 +44,7 @@ from .keys import KeyStore
 
 log = logging.getLogger("hived.coordinator")
 STATE_FILE = "coordinator.pt"
+CHAT_REFRESH = 2.0  # seconds between copies of the weights for the chat
 
 
 @dataclass
@@ -187,6 +188,7 @@ class Coordinator:
         self.evaluating: asyncio.Future | None = None
         self.pending: Callable[[], None] | None = None  # the last round's evaluation, not yet started
         self.last_closed = 0.0
+        self.published = 0.0  # when the chat last got a copy of the weights (time.monotonic)
         self.started = time.time()
         if state:
             self._restore(state)
@@ -215,13 +217,9 @@ class Coordinator:
         self.guard.norms.extend(state["norms"])
         log.info("resumed the hive at round %d from %s", self.round, self.state_dir / STATE_FILE)
 
-    def state(self) -> dict[str, Any]:
-        """The whole state as it is now, copied, so it can be written from another thread while
-        the rounds go on."""
-        return {**self._meta(), **self._tensors(copy.deepcopy(self.model))}
-
     def _meta(self) -> dict[str, Any]:
-        """The state but the tensors, copied (cheap: taken on the event loop, which changes it)."""
+        """The state but the tensors, copied: taken on the event loop when a round closes, since
+        the ledger changes while the next round runs."""
         return {
             "round": self.round, "cursor": self.cursor, "tokens": self.tokens,
             "ledger": copy.deepcopy(self.ledger), "history": list(self.history), "norms": list(self.guard.norms),
@@ -230,13 +228,12 @@ class Coordinator:
             "tokenizer": self.trainer.tokenizer.to_json(), "data_key": self.data_key,
         }
 
-    def _tensors(self, model: torch.nn.Module) -> dict[str, Any]:
-        """The weights (``model``: a copy already taken) and a copy of the outer optimizer; the
-        outer optimizer only changes in ``_apply``, so this may run in the background thread."""
-        return {"model": model.state_dict(), "outer": copy.deepcopy(self.outer.state_dict())}
-
-    def save(self) -> None:
-        checkpoint.save(self.state(), self.state_dir / STATE_FILE)
+    def save(self, meta: dict[str, Any] | None = None) -> None:
+        """Checkpoint the whole state atomically (``meta``: as taken when the round closed). The
+        weights and the outer optimizer change only in ``_apply``, so they are written as they are,
+        without a copy, from the loop or from the background job that ``_apply`` waits for."""
+        state = {**(meta or self._meta()), "model": self.model.state_dict(), "outer": self.outer.state_dict()}
+        checkpoint.save(state, self.state_dir / STATE_FILE)
 
     # ----------------------------------------------------------------- rounds
 
@@ -279,7 +276,7 @@ class Coordinator:
             rnd = await self._run_round(ready)
             if rnd.accepted == 0:
                 continue  # nothing usable arrived: the same round number is tried again
-            # The previous round's job copies the weights it evaluates: it must be done before they change.
+            # The previous round's job reads the weights: it must be done before they change.
             self._start_evaluation()
             await self.evaluated()
             self._apply(rnd)
@@ -382,18 +379,19 @@ class Coordinator:
         rnd.apply = time.time() - t0
 
     def _evaluate_and_save(self, rnd: Round, meta: dict | None) -> None:
-        """In the background thread, between ``rnd``'s outer step and the next one: copy the
-        weights, evaluate them, hand them to the chat and checkpoint (``meta``: the rest of the
-        state, if this round is due)."""
-        model = copy.deepcopy(self.model).eval()
-        state = {**meta, **self._tensors(model)} if meta is not None else None
+        """In the background thread, after ``rnd``'s outer step; ``run_rounds`` waits for it
+        before the next one, so it reads the live weights without copying them: evaluate, hand a
+        copy to the chat (at most every CHAT_REFRESH seconds: a copy costs as much as a round's
+        aggregation, and rounds can be far shorter than a chat reply) and checkpoint (``meta``:
+        the rest of the state, if this round is due)."""
         number = rnd.number + 1
         self.trainer.step = number  # a coordinator's evaluations and samples are labelled by round
-        val = self.trainer.evaluate(model)["val_loss"]
-        self.events.emit("weights", model=model, tokenizer=self.trainer.tokenizer, label=f"round {number}",
-                         snapshot=True)  # this round's copy, which nothing changes: no second copy
+        val = self.trainer.evaluate(self.model)["val_loss"]
+        if time.monotonic() - self.published >= CHAT_REFRESH or number == self.hive.rounds:
+            self.published = time.monotonic()
+            self.events.emit("weights", model=self.model, tokenizer=self.trainer.tokenizer, label=f"round {number}")
         if number % max(1, self.run.train.sample_interval // self._steps_per_round()) == 0:
-            self.trainer.sample(model=model)
+            self.trainer.sample(model=self.model)
         loss = sum(l * t for l, t in rnd.losses) / max(1, sum(t for _, t in rnd.losses))
         record = {
             "round": number, "train_loss": loss, "val_loss": val, "tokens": rnd.tokens_after,
@@ -407,8 +405,8 @@ class Coordinator:
         self.events.emit("round", **record)
         log.info("round %d: train loss %.4f, val loss %.4f, %d update(s) from %d peer(s), %.2fs",
                  number, loss, val, rnd.accepted, len(rnd.expected), record["seconds"])
-        if state is not None:
-            checkpoint.save({**state, "history": list(self.history)}, self.state_dir / STATE_FILE)
+        if meta is not None:
+            self.save({**meta, "history": list(self.history)})
 
     # ----------------------------------------------------------------- peers
 
