@@ -11,10 +11,15 @@ the outer step and anything else the coordinator does between two rounds (start 
     python bench/hive.py --convergence ../shared/data/tinyshakespeare.txt --rounds 50 --inner-steps 10 \
         --outer-lr 1.0 --outer-momentum 0
     python bench/hive.py --scale 8 64 256
+    python bench/hive.py --floor
 
 --scale runs one coordinator (10m preset, int8) against N simulated peers (asyncio connections
 in one separate process that answer every round with a precomputed update) and reports the round
 time and the coordinator's peak memory (VmHWM) for each N.
+
+--floor times the WebSocket transport alone (aiohttp on both ends, as in the daemon) for one
+round's bytes: two peer processes upload a packed fp16 update at once, then receive the same
+bytes back; nothing is packed or decoded in the timed part.
 
 --convergence trains the 1m preset on a corpus twice with the same number of tokens: with two
 diloco peers (50 inner steps a round) and as a single `hived train` process, and reports both
@@ -181,6 +186,94 @@ async def simulate(url: str, key: str, n: int) -> None:
         await asyncio.gather(*(peer(i, http) for i in range(n)), return_exceptions=True)
 
 
+def floor_frames() -> list[bytes]:
+    """One fp16 update of the benchmark's model, packed: the bytes a round moves per peer."""
+    import torch
+
+    from hived.config import ModelConfig
+    from hived.model import GPT
+    from hived.protocol import Update, tensor_frames
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=6, n_head=8, n_embd=240, block_size=64, vocab_size=104))  # 4,175,280
+    return [job() for job in tensor_frames(Update(0, 0, 0, 64, 3.0, 0.1),
+                                           {k: p.detach() * 1e-3 for k, p in model.named_parameters()}, "fp16")]
+
+
+async def floor_peer(url: str) -> None:
+    """Uploads its frames when told to; answers once it has received a broadcast."""
+    import aiohttp
+
+    frames = floor_frames()
+    async with aiohttp.ClientSession() as http, http.ws_connect(url, max_msg_size=1 << 26) as ws:
+        async for msg in ws:
+            if msg.data == b"up":
+                for f in frames:
+                    await ws.send_bytes(f)
+                await ws.send_bytes(b"end")
+            elif msg.data == b"end":
+                await ws.send_bytes(b"ok")
+
+
+async def floor(rounds: int, peers: int = 2) -> None:
+    """The WebSocket transport alone, for one round's traffic: each peer uploads an fp16 update
+    (frames packed beforehand, not decoded on arrival), then the server sends each peer the same
+    bytes back. What is left of the round overhead is packing, decoding, aggregation and steps."""
+    from aiohttp import web
+
+    frames = floor_frames()
+    conns: list[web.WebSocketResponse] = []
+    arrived: asyncio.Queue[str] = asyncio.Queue()
+    joined = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=1 << 26)
+        await ws.prepare(request)
+        conns.append(ws)
+        joined.set() if len(conns) == peers else None
+        async for msg in ws:
+            if msg.data in (b"end", b"ok"):
+                await arrived.put(msg.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    procs = [subprocess.Popen([sys.executable, __file__, "--floor-peer", f"ws://127.0.0.1:{port}/"])
+             for _ in range(peers)]
+    try:
+        await asyncio.wait_for(joined.wait(), 60)
+        up, down = [], []
+        for _ in range(rounds + 3):
+            t0 = time.perf_counter()
+            for ws in conns:
+                await ws.send_bytes(b"up")
+            for _ in conns:
+                await arrived.get()
+            t1 = time.perf_counter()
+            for ws in conns:
+                for f in frames:
+                    await ws.send_bytes(f)
+                await ws.send_bytes(b"end")
+            for _ in conns:
+                await arrived.get()
+            up.append(t1 - t0)
+            down.append(time.perf_counter() - t1)
+            await asyncio.sleep(0.1)
+        up, down = up[3:], down[3:]
+        total = statistics.median(u + d for u, d in zip(up, down))
+        print(f"{peers} peers x {sum(map(len, frames)) / 1e6:.2f} MB each way (fp16), medians over {rounds} rounds: "
+              f"upload {statistics.median(up):.3f} s, broadcast {statistics.median(down):.3f} s, "
+              f"both {total:.3f} s (min {min(u + d for u, d in zip(up, down)):.3f} s)")
+    finally:
+        for p in procs:
+            p.kill()
+        await runner.cleanup()
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -226,6 +319,8 @@ def scale(counts: list[int], rounds: int) -> None:
 def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "--simulate":
         return asyncio.run(simulate(sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    if len(sys.argv) == 3 and sys.argv[1] == "--floor-peer":
+        return asyncio.run(floor_peer(sys.argv[2]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
@@ -237,7 +332,10 @@ def main() -> None:
     p.add_argument("--outer-lr", type=float, default=0.7)
     p.add_argument("--outer-momentum", type=float, default=0.9)
     p.add_argument("--scale", type=int, nargs="+", metavar="N", help="simulated peer counts")
+    p.add_argument("--floor", action="store_true", help="time the WebSocket transport alone for one round's bytes")
     args = p.parse_args()
+    if args.floor:
+        return asyncio.run(floor(args.rounds if args.rounds != 12 else 30))
     if args.scale:
         return scale(args.scale, args.rounds if args.rounds != 12 else 3)
     if args.convergence:
