@@ -107,6 +107,14 @@ class Work:
 
 
 @dataclass
+class Training:
+    """Peer → coordinator: the weights are loaded and training on ``round`` has begun. Once every
+    peer of the round has said so, the coordinator evaluates: its cores then go to nothing else."""
+
+    round: int
+
+
+@dataclass
 class Ready:
     """Peer → coordinator: my update for ``round`` is computed; tell me when to send it."""
 
@@ -148,8 +156,8 @@ class Bye:
     reason: str = ""
 
 
-MESSAGES: dict[str, type] = {cls.__name__: cls for cls in (Hello, Welcome, Refused, Weights, Work, Ready, Go, Update,
-                                                            Ack, Bye)}
+MESSAGES: dict[str, type] = {cls.__name__: cls for cls in (Hello, Welcome, Refused, Weights, Work, Training, Ready, Go,
+                                                            Update, Ack, Bye)}
 _FIELD_TYPES = {"int": int, "str": str, "bool": bool, "dict": dict, "bytes": bytes, "float": (float, int)}
 
 

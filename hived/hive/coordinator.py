@@ -35,9 +35,8 @@ from .. import checkpoint
 from ..config import ConfigError, RunConfig, TrainConfig
 from ..events import Events
 from ..local import build_trainer
-from ..protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Ack, Bye, Go, Hello, ProtocolError, Ready, Refused, Update,
-                        Weights, Welcome, Work, clean_text, decode, encode, packed_ahead, tensor_frames,
-                        unpack)
+from ..protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Ack, Bye, Go, Hello, ProtocolError, Ready, Refused, Training,
+                        Update, Weights, Welcome, Work, clean_text, decode, encode, packed_ahead, tensor_frames, unpack)
 from ..trainer import lr_at, make_optimizer
 from .aggregation import UpdateGuard, WeightedMean, model_norm, squared_norm
 from .keys import KeyStore
@@ -123,6 +122,7 @@ class Round:
     bytes_out: int = 0
     waiting: deque[str] = field(default_factory=deque)  # peers ready to upload, in order
     uploading: set[str] = field(default_factory=set)  # peers told to upload now
+    training: set[str] = field(default_factory=set)  # peers that have loaded the weights and begun
     broadcast: float = 0.0  # seconds to encode and send weights and work
     aggregate: float = 0.0  # seconds spent decoding, checking and summing updates
     compute: float = 0.0  # the slowest peer's own training time
@@ -338,11 +338,12 @@ class Coordinator:
                 rnd.expected.discard(peer.id)
 
         await asyncio.gather(*(send(p) for p in peers))
-        self._start_evaluation()
         rnd.broadcast = time.time() - rnd.started
         deadline = rnd.started + self.hive.round_timeout
         while True:
             waiting = {i for i in rnd.expected - rnd.reported if i in self.peers and not self.peers[i].ws.closed}
+            if not waiting - rnd.training:  # the weights are out and loaded: evaluate while peers train
+                self._start_evaluation()
             if not waiting:
                 break
             left = deadline - time.time()
@@ -457,6 +458,10 @@ class Coordinator:
                 del msg  # the raw frame must not outlive its decoding (see _receive)
                 if isinstance(m, Update):
                     await self._receive(peer, m, squared, size)
+                elif isinstance(m, Training):
+                    if self.current is not None and m.round == self.current.number:
+                        self.current.training.add(peer.id)
+                        self.changed.set()
                 elif isinstance(m, Ready):
                     await self._ready(peer, m)
                 elif isinstance(m, Bye):

@@ -26,7 +26,7 @@ from ..config import ModelConfig, TrainConfig, build
 from ..data import Windows
 from ..device import pick_device
 from ..protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Ack, Bye, ErrorFeedback, Go, Hello, ProtocolError, Ready,
-                        Refused, Update, Weights, Welcome, Work, decode, encode, packed_ahead, tensor_frames,
+                        Refused, Training, Update, Weights, Welcome, Work, decode, encode, packed_ahead, tensor_frames,
                         unpack)
 from ..tokenizer import from_json
 from ..trainer import Trainer
@@ -148,6 +148,7 @@ class Peer:
             elif isinstance(m, Weights):
                 await loop.run_in_executor(None, self.load, m)
             elif isinstance(m, Work):
+                await ws.send_bytes(encode(Training(m.round)))
                 pending = await loop.run_in_executor(None, self.work, m)
                 if m.go:
                     await self.upload(ws, *pending)
