@@ -81,6 +81,16 @@ class Peer:
         log.info("joined: %s mode, %s updates, %s parameters on %s", welcome.mode, welcome.compression,
                  f"{self.trainer.model.num_params():,}", self.device)
 
+    def _receive(self, frame: bytes) -> object:
+        """Decode a frame and act on a Welcome (build the trainer) or Weights (load them into the
+        model): in a thread, so weights parts decode and load while the next ones arrive."""
+        m = decode(frame)
+        if isinstance(m, Welcome):
+            self._setup(m)
+        elif isinstance(m, Weights):
+            self.load(m)
+        return m
+
     def load(self, m: Weights) -> None:
         """Copy one part of the coordinator's weights into the model, converting from the
         precision they travelled in as it goes (runs in a thread; the model is idle between
@@ -137,17 +147,13 @@ class Peer:
         async for msg in ws:
             if msg.type != aiohttp.WSMsgType.BINARY:
                 break
-            m = await loop.run_in_executor(None, decode, msg.data)  # weights parts decode while more arrive
+            m = await loop.run_in_executor(None, self._receive, msg.data)  # a Welcome or Weights is applied there
             if isinstance(m, Refused):
                 if m.final:
                     raise Refusal(m.reason)
                 log.warning("coordinator: %s", m.reason)
                 return False
-            if isinstance(m, Welcome):
-                await loop.run_in_executor(None, self._setup, m)
-            elif isinstance(m, Weights):
-                await loop.run_in_executor(None, self.load, m)
-            elif isinstance(m, Work):
+            if isinstance(m, Work):
                 await ws.send_bytes(encode(Training(m.round)))
                 pending = await loop.run_in_executor(None, self.work, m)
                 if m.go:
