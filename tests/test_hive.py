@@ -188,8 +188,10 @@ def test_garbage_does_not_bring_the_daemon_down(hive_factory):
     assert hive.coordinator.poll() is None
 
 
-def test_sync_mode_with_int8_updates_trains(hive_factory):
-    hive = hive_factory("--mode", "sync", "--compression", "int8", "--min-peers", "2", "--rounds", "40")
+def test_sync_mode_with_int8_updates_and_one_upload_slot_trains(hive_factory):
+    # One slot for two peers: every round admits uploads through Ready and Go, one at a time.
+    hive = hive_factory("--mode", "sync", "--compression", "int8", "--min-peers", "2", "--rounds", "40",
+                        "--upload-slots", "1")
     for i in (1, 2):
         hive.join("--max-rounds", "40", name=f"s{i}")
     status = hive.wait(lambda s: s["round"] >= 40 and len(s["history"]) >= 40, timeout=240)

@@ -304,8 +304,8 @@ class Coordinator:
                     model_norm=model_norm(self.params))
         rnd.between = rnd.started - self.last_closed if self.last_closed else 0.0
         self.current = rnd
-        # The weights are packed a part at a time as the first peer needs them; every peer gets the
-        # same frames, so the model is packed once a round whatever the number of peers.
+        # The weights are packed a few parts ahead of the first peer that needs them; every peer
+        # gets the same frames, so the model is packed once a round whatever the number of peers.
         parts = packed_ahead(tensor_frames(Weights(self.round, 0, 0), {k: p.data for k, p in self.params.items()},
                                            self.hive.compression))
         frames: list[bytes] = []
