@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -16,6 +17,8 @@ import aiohttp
 import pytest
 
 from hived import checkpoint
+from hived.config import resolve
+from hived.hive.coordinator import Coordinator, HiveConfig
 
 from conftest import free_port, hived
 
@@ -288,3 +291,23 @@ def test_the_volunteer_join_script(hive_factory, tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert hive.status()["ledger"]["volunteer"]["rounds"] == 1
+
+
+def test_shutdown_waits_for_the_background_job_even_when_its_waiter_was_cancelled(tmp_path, corpus, monkeypatch):
+    """The rounds' task can be cancelled (SIGTERM) while it waits for the round's background job;
+    the shutdown that follows must still wait for the job, which reads the weights it saves."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    coordinator = Coordinator(resolve({"preset": "1m", "data": [str(corpus)]}), HiveConfig(), tmp_path / "state")
+    finished = threading.Event()
+    coordinator.pending = lambda: (time.sleep(0.5), finished.set())
+
+    async def shutdown() -> None:
+        coordinator._start_evaluation()
+        rounds = asyncio.create_task(coordinator.evaluated())  # as run_rounds waits before an outer step
+        await asyncio.sleep(0.1)
+        rounds.cancel()
+        await asyncio.gather(rounds, return_exceptions=True)
+        await coordinator.evaluated()  # what stop_rounds does next
+
+    asyncio.run(shutdown())
+    assert finished.is_set()

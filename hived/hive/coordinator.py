@@ -291,9 +291,11 @@ class Coordinator:
             self.pending = None
 
     async def evaluated(self) -> None:
-        """Wait for the evaluation in progress, if any."""
+        """Wait for the evaluation in progress, if any. Shielded: cancelling a waiter (the rounds'
+        task, at shutdown) must not cancel the job's future while its thread goes on, or the
+        shutdown could not wait for it before writing the last checkpoint."""
         if self.evaluating is not None:
-            await self.evaluating
+            await asyncio.shield(self.evaluating)
             self.evaluating = None
 
     async def _run_round(self, peers: list[Peer]) -> Round:
