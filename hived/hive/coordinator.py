@@ -263,8 +263,9 @@ class Coordinator:
 
     async def run_rounds(self) -> None:
         """Rounds back to back. Each applied round is evaluated (and checkpointed, and handed to
-        the chat) on a snapshot of its weights in a background thread, started once the next
-        round's weights are out, so it runs while the peers train instead of delaying them."""
+        the chat) in a background thread, started once every peer of the next round has loaded
+        its weights and begun training, so it runs while the peers train instead of delaying
+        them."""
         self.events.emit("weights", model=self.model, tokenizer=self.trainer.tokenizer, label=f"round {self.round}")
         while self.hive.rounds == 0 or self.round < self.hive.rounds:
             ready = [p for p in self.peers.values() if not p.ws.closed]
@@ -389,12 +390,12 @@ class Coordinator:
         the rest of the state, if this round is due)."""
         number = rnd.number + 1
         self.trainer.step = number  # a coordinator's evaluations and samples are labelled by round
-        val = self.trainer.evaluate(self.model)["val_loss"]
+        val = self.trainer.evaluate()["val_loss"]
         if time.monotonic() - self.published >= CHAT_REFRESH or number == self.hive.rounds:
             self.published = time.monotonic()
             self.events.emit("weights", model=self.model, tokenizer=self.trainer.tokenizer, label=f"round {number}")
         if number % max(1, self.run.train.sample_interval // self._steps_per_round()) == 0:
-            self.trainer.sample(model=self.model)
+            self.trainer.sample()
         loss = sum(l * t for l, t in rnd.losses) / max(1, sum(t for _, t in rnd.losses))
         record = {
             "round": number, "train_loss": loss, "val_loss": val, "tokens": rnd.tokens_after,
