@@ -169,12 +169,12 @@ async def _reply(request: web.Request, chat: bool, prompt: str, params: Sampling
     obj = ("chat.completion" if chat else "text_completion") + (".chunk" if chat and streaming else "")
     common = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", "object": obj,
               "created": int(time.time()), "model": host.name}
-    pieces = host.stream(prompt, params, usage)
+    pieces = host.stream(prompt, params, usage, chat)
     try:
         if not streaming:
             text = "".join([p async for p in pieces])
             return web.json_response({
-                **common, "choices": [_choice(chat, False, text.lstrip(" ") if chat else text, usage.finish_reason)],
+                **common, "choices": [_choice(chat, False, text, usage.finish_reason)],
                 "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
                           "total_tokens": usage.prompt_tokens + usage.completion_tokens}})
         text = await anext(pieces, None)  # errors (busy, no model) still get a status code
@@ -190,11 +190,7 @@ async def _reply(request: web.Request, chat: bool, prompt: str, params: Sampling
 
     if chat:
         await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-    leading = chat  # the reply to "Assistant:" starts with a space that is the template's, not the text's
     while text is not None:
-        if leading:
-            text = text.lstrip(" ")
-            leading = not text
         if text:
             await send(_choice(chat, True, text, None))
         text = await anext(pieces, None)

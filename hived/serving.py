@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 
@@ -40,6 +40,18 @@ def render_chat(messages: list[dict[str, str]]) -> str:
     turns = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
              for m in messages if m["role"] != "system"]
     return (f"{system}\n\n" if system else "") + "\n".join([*turns, "Assistant:"])
+
+
+def chat_reply(pieces: Iterable[str]) -> Iterator[str]:
+    """A chat reply's text as it streams, without the space the model writes after the
+    template's "Assistant:" (it belongs to the template, not to the reply)."""
+    leading = True
+    for piece in pieces:
+        if leading:
+            piece = piece.lstrip(" ")
+            leading = not piece
+        if piece:
+            yield piece
 
 
 class ModelHost:
@@ -68,9 +80,9 @@ class ModelHost:
         self._snapshot = model.eval(), tokenizer
         self.label = label
 
-    async def stream(self, prompt: str, params: SamplingParams, usage: Usage) -> AsyncIterator[str]:
-        """The reply's text as it is generated. Stopping early (the client left) stops the
-        generation thread at its next token."""
+    async def stream(self, prompt: str, params: SamplingParams, usage: Usage, chat: bool = False) -> AsyncIterator[str]:
+        """The text as it is generated (``chat``: as a reply to ``render_chat``'s prompt). Stopping
+        early (the client left) stops the generation thread at its next token."""
         if self._snapshot is None:
             raise NoModel("no weights yet; the model appears after the first evaluation")
         if not self._slots.acquire(blocking=False):
@@ -82,7 +94,8 @@ class ModelHost:
 
         def run() -> None:
             try:
-                for piece in stream(model, tokenizer, prompt, params, usage):
+                text = stream(model, tokenizer, prompt, params, usage)
+                for piece in chat_reply(text) if chat else text:
                     if stop.is_set():
                         break
                     loop.call_soon_threadsafe(pieces.put_nowait, piece)

@@ -19,7 +19,7 @@ from typing import Protocol, TextIO
 
 from .checkpoint import CheckpointError
 from .generate import SamplingParams, stream
-from .serving import CHAT_STOP, render_chat
+from .serving import CHAT_STOP, chat_reply, render_chat
 
 HELP = """commands:
   /temp X     sampling temperature (0: greedy)
@@ -73,7 +73,7 @@ class LocalBackend:
         return [self.model]
 
     def reply(self, messages: list[dict[str, str]], settings: Settings) -> Iterator[str]:
-        yield from _strip_leading(stream(self.net, self.tokenizer, render_chat(messages), settings.sampling()))
+        yield from chat_reply(stream(self.net, self.tokenizer, render_chat(messages), settings.sampling()))
 
 
 class HttpBackend:
@@ -124,17 +124,6 @@ class HttpBackend:
 
 class ChatError(RuntimeError):
     pass
-
-
-def _strip_leading(pieces: Iterator[str]) -> Iterator[str]:
-    """The reply to "Assistant:" starts with the template's space; leave it out."""
-    leading = True
-    for piece in pieces:
-        if leading:
-            piece = piece.lstrip(" ")
-            leading = not piece
-        if piece:
-            yield piece
 
 
 def _set(settings: Settings, name: str, raw: str) -> str:

@@ -4,6 +4,7 @@ import torch
 from hived.config import ModelConfig
 from hived.generate import SamplingParams, _filter, generate, stream
 from hived.model import GPT
+from hived.serving import chat_reply
 from hived.tokenizer import BPETokenizer, CharTokenizer
 
 TEXT = "abcdefghij klmnop\n"
@@ -74,3 +75,9 @@ def test_bad_parameters_are_refused():
     for bad in (dict(top_p=0.0), dict(top_k=0), dict(temperature=-1), dict(repetition_penalty=0)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_a_chat_reply_leaves_out_the_templates_space_however_the_pieces_fall():
+    assert list(chat_reply([" ", "", " Hi", " there", " "])) == ["Hi", " there", " "]
+    assert list(chat_reply([" ", " "])) == []
+    assert list(chat_reply(["No space", " kept"])) == ["No space", " kept"]
