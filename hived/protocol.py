@@ -7,8 +7,9 @@ checked against the dataclass it claims to be before use. Sizes are capped befor
 decompression, so a hostile peer cannot make the daemon allocate more than the caps.
 
 Tensors travel as dtype + shape + bytes, as fp32, fp16, bf16, or blockwise int8 (one fp32 scale
-per block of ``INT8_BLOCK`` values). The sender of int8 updates keeps the quantisation error and
-adds it to the next update (error feedback), so over rounds nothing is lost, only delayed.
+per block of ``INT8_BLOCK`` values). The sender of fp16, bf16 or int8 updates keeps what
+rounding or quantisation dropped and adds it to the next update (error feedback), so over rounds
+nothing is lost, only delayed.
 """
 
 from __future__ import annotations
