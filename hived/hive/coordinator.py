@@ -218,11 +218,11 @@ class Coordinator:
         log.info("resumed the hive at round %d from %s", self.round, self.state_dir / STATE_FILE)
 
     def _meta(self) -> dict[str, Any]:
-        """The state but the tensors, copied: taken on the event loop when a round closes, since
-        the ledger changes while the next round runs."""
+        """The state but the tensors and the history, copied: taken on the event loop when a
+        round closes, since the ledger changes while the next round runs."""
         return {
             "round": self.round, "cursor": self.cursor, "tokens": self.tokens,
-            "ledger": copy.deepcopy(self.ledger), "history": list(self.history), "norms": list(self.guard.norms),
+            "ledger": copy.deepcopy(self.ledger), "norms": list(self.guard.norms),
             "model_config": dataclasses.asdict(self.trainer.model_cfg),
             "train_config": dataclasses.asdict(self.run.train), "hive_config": dataclasses.asdict(self.hive),
             "tokenizer": self.trainer.tokenizer.to_json(), "data_key": self.data_key,
@@ -230,9 +230,11 @@ class Coordinator:
 
     def save(self, meta: dict[str, Any] | None = None) -> None:
         """Checkpoint the whole state atomically (``meta``: as taken when the round closed). The
-        weights and the outer optimizer change only in ``_apply``, so they are written as they are,
-        without a copy, from the loop or from the background job that ``_apply`` waits for."""
-        state = {**(meta or self._meta()), "model": self.model.state_dict(), "outer": self.outer.state_dict()}
+        weights and the outer optimizer change only in ``_apply``, and the history only in the
+        background job, so they are written as they are, from the loop or from that job, which
+        ``_apply`` waits for."""
+        state = {**(meta or self._meta()), "history": list(self.history), "model": self.model.state_dict(),
+                 "outer": self.outer.state_dict()}
         checkpoint.save(state, self.state_dir / STATE_FILE)
 
     # ----------------------------------------------------------------- rounds
@@ -410,7 +412,7 @@ class Coordinator:
         log.info("round %d: train loss %.4f, val loss %.4f, %d update(s) from %d peer(s), %.2fs",
                  number, loss, val, rnd.accepted, len(rnd.expected), record["seconds"])
         if meta is not None:
-            self.save({**meta, "history": list(self.history)})
+            self.save(meta)
 
     # ----------------------------------------------------------------- peers
 
