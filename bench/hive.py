@@ -223,14 +223,15 @@ async def floor(rounds: int, peers: int = 2) -> None:
 
     frames = floor_frames()
     conns: list[web.WebSocketResponse] = []
-    arrived: asyncio.Queue[str] = asyncio.Queue()
+    arrived: asyncio.Queue[bytes] = asyncio.Queue()
     joined = asyncio.Event()
 
     async def handler(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=1 << 26)
         await ws.prepare(request)
         conns.append(ws)
-        joined.set() if len(conns) == peers else None
+        if len(conns) == peers:
+            joined.set()
         async for msg in ws:
             if msg.data in (b"end", b"ok"):
                 await arrived.put(msg.data)
