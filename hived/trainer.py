@@ -40,6 +40,12 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return floor + (1 - min(1.0, progress)) * (cfg.lr - floor)
 
 
+def fused(device: torch.device) -> bool:
+    """Whether torch has one-pass (fused) optimizer kernels for ``device``: several times faster
+    than stepping tensor by tensor."""
+    return device.type in ("cuda", "cpu")
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only: decaying gains and biases only hurts."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -47,8 +53,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused(device))
 
 
 class Trainer:

@@ -37,7 +37,7 @@ from ..events import Events
 from ..local import build_trainer
 from ..protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Ack, Bye, Go, Hello, ProtocolError, Ready, Refused, Training,
                         Update, Weights, Welcome, Work, clean_text, decode, encode, packed_ahead, tensor_frames, unpack)
-from ..trainer import lr_at, make_optimizer
+from ..trainer import fused, lr_at, make_optimizer
 from .aggregation import UpdateGuard, WeightedMean, model_norm, squared_norm
 from .keys import KeyStore
 
@@ -168,7 +168,7 @@ class Coordinator:
         self.schedule = self._schedule()
         if hive.mode == "diloco":
             self.outer = torch.optim.SGD(self.model.parameters(), lr=hive.outer_lr, momentum=hive.outer_momentum,
-                                         nesterov=hive.outer_momentum > 0)
+                                         nesterov=hive.outer_momentum > 0, fused=fused(self.trainer.device))
         else:
             self.outer = make_optimizer(self.model, run.train, self.trainer.device)
         self.round = 0
