@@ -279,10 +279,14 @@ def unpack(d: Any) -> torch.Tensor:
     return out.view(shape)
 
 
+# Received tensors are read-only views of the frame's bytes, and only ever read. Torch warns
+# about such views; the filter is set once here because ``warnings.catch_warnings`` around each
+# call is not thread-safe, and frames decode in several threads at once.
+warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+
+
 def _view(data: bytes | memoryview, dtype) -> torch.Tensor:
-    with warnings.catch_warnings():  # torch warns that the buffer is read-only; it is only read
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.frombuffer(data, dtype=dtype))
+    return torch.from_numpy(np.frombuffer(data, dtype=dtype))
 
 
 class ErrorFeedback:
