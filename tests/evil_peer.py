@@ -1,5 +1,9 @@
 """A misbehaving hive peer for the tests: a real process that speaks the real protocol but sends
-poisoned (or late) updates. Usage: python evil_peer.py URL KEY nan|scale|slow"""
+poisoned (or late) updates. Usage: python evil_peer.py URL KEY nan|tail|scale|slow
+
+nan: every value NaN; tail: -5x the honest update (it would undo training), but NaN in the last
+tensor, so the coordinator has summed the rest by the time it sees why to reject it; scale: 1000x
+the honest update; slow: honest but too late."""
 
 import asyncio
 import logging
@@ -19,6 +23,9 @@ class EvilPeer(Peer):
         if self.kind == "slow":
             time.sleep(8)  # misses the round timeout: a late report
             return header, delta
+        if self.kind == "tail":
+            last = list(delta)[-1]
+            return header, {name: t * (float("nan") if name == last else -5.0) for name, t in delta.items()}
         return header, {name: t * (1000.0 if self.kind == "scale" else float("nan")) for name, t in delta.items()}
 
 

@@ -156,7 +156,7 @@ def test_a_killed_coordinator_resumes_from_its_checkpoint_and_peers_rejoin(hive_
     assert status["ledger"]["p1"]["rounds"] >= saved // 2
 
 
-@pytest.mark.parametrize("kind", ["nan", "scale"])
+@pytest.mark.parametrize("kind", ["nan", "tail", "scale"])
 def test_poisoned_updates_never_reach_the_model(hive_factory, kind):
     hive = hive_factory("--inner-steps", "10")
     hive.join(name="good")

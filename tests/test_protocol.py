@@ -1,5 +1,6 @@
 import asyncio
 import functools
+import math
 import threading
 import time
 
@@ -123,11 +124,32 @@ def test_peer_text_is_cleaned():
     assert clean_text("<b>x</b>\x1b[31m\n" + "a" * 100) == ("<b>x</b>[31m" + "a" * 100)[:64]
 
 
-def test_weighted_mean_and_guard():
-    agg = WeightedMean()
-    agg.add({"w": torch.tensor([1.0, 1.0])}.items(), 1)
-    agg.add(iter([("w", torch.tensor([4.0, 4.0]))]), 3)  # tensors may arrive one at a time
-    assert torch.equal(agg.result()["w"], torch.tensor([3.25, 3.25]))
+def test_weighted_mean_sums_parts_and_takes_back_what_is_not_committed():
+    agg = WeightedMean(expand=lambda v: torch.tensor(v, dtype=torch.float16))  # values kept as given
+    agg.add("a", {"w": [1.0, 1.0]}.items(), 1)
+    agg.add("a", iter([("v", [2.0])]), 99)  # later parts keep the first part's weight
+    agg.add("b", {"w": [4.0, 4.0], "v": [6.0]}.items(), 3)
+    agg.add("rejected", {"w": [100.0, -100.0], "v": [8.0]}.items(), 5)
+    agg.add("clipped", {"w": [40.0, 40.0], "v": [40.0]}.items(), 2)
+    agg.add("left", {"w": [7.0, 7.0]}.items(), 4)  # its sender left mid-upload: never committed
+    agg.commit("a")
+    agg.commit("b")
+    agg.discard("rejected")
+    agg.commit("clipped", 0.25)  # counts as 0.25 x 2 tokens of the update, scaled to a quarter
+    agg.commit("unknown")  # nothing was added under it: nothing happens
+    assert agg.count == 3 and agg.total == 4.5
+    result = agg.result()
+    assert torch.allclose(result["w"], torch.tensor([(1 + 12 + 0.25 * 2 * 40) / 4.5] * 2))
+    assert torch.allclose(result["v"], torch.tensor([(2 + 18 + 0.25 * 2 * 40) / 4.5]))
+    agg.add("late", {"w": [1e6, 1e6]}.items(), 1)  # after the result: ignored
+    agg.commit("late")
+    assert agg.count == 3 and torch.allclose(agg.sum["w"], result["w"])
+    empty = WeightedMean()
+    empty.add("x", {"w": torch.ones(2)}.items(), 1)
+    assert empty.result() is None  # nothing committed
+
+
+def test_update_guard():
     guard = UpdateGuard({"w": torch.Size([2])}, max_ratio=1.0, clip_factor=5.0)
     for _ in range(3):
         assert guard.check({"w": (2,)}, 0.1, model_norm=10.0) == (1.0, "accepted", "")
@@ -138,6 +160,7 @@ def test_weighted_mean_and_guard():
     assert guard.check({"v": (2,)}, 0.1, 10.0)[1] == "rejected"
     assert guard.check({"w": (2,), "v": (2,)}, 0.1, 10.0)[1] == "rejected"
     assert guard.check({"w": (2,)}, 100.0, 10.0)[1] == "rejected"  # beyond the model's norm
+    assert guard.admissible(10.0, 10.0) and not guard.admissible(10.1, 10.0) and not guard.admissible(math.nan, 10.0)
     scale, status, _ = guard.check({"w": (2,)}, 5.0, 10.0)  # 50x the median: clipped to 5x
     assert status == "clipped" and scale == pytest.approx(0.1)
     assert squared_norm([torch.tensor([3.0]), torch.tensor([4.0])]) == pytest.approx(25.0)

@@ -2,7 +2,8 @@
 
 Kept apart from the transport so strategies can be swapped and tested on tensors alone. The
 aggregator keeps a running weighted sum, so the coordinator's memory grows with the model, not
-with the number of peers.
+with the number of peers. Updates are summed a part at a time as they arrive, before they can be
+judged whole, so an aggregator can take an update back out.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Iterable
-from typing import Protocol
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any, Protocol
 
 import torch
 
@@ -19,7 +20,9 @@ Tensors = dict[str, torch.Tensor]
 
 
 class Aggregator(Protocol):
-    def add(self, update: Iterable[tuple[str, torch.Tensor]], weight: float) -> None: ...
+    def add(self, key: Hashable, part: Iterable[tuple[str, Any]], weight: float) -> None: ...
+    def commit(self, key: Hashable, scale: float = 1.0) -> None: ...
+    def discard(self, key: Hashable) -> None: ...
     def result(self) -> Tensors | None: ...
     @property
     def count(self) -> int: ...
@@ -28,26 +31,62 @@ class Aggregator(Protocol):
 class WeightedMean:
     """Mean of updates weighted by the tokens behind each (a peer that did more counts more).
 
-    ``add`` takes (name, tensor) pairs, so a caller can decode an update one tensor at a time and
-    never hold a second full-precision copy of it; tensors may be in any float precision (they
-    are added into float32 as they are read). ``result`` hands over the sum, divided in place.
+    An update is summed part by part as it arrives (``add``, under its sender's key, with the
+    weight given with its first part) and counts once it is ``commit``ted, scaled if it was
+    clipped; ``discard`` takes it back out (rejected), and ``result`` discards whatever was never
+    committed (a sender that left mid-upload) and hands over the sum, divided in place. To take a
+    part back out it keeps the values as given: a caller passes them packed, as small as they
+    travelled, with ``expand`` to read one as a tensor of any float precision (added into float32
+    as it is read), so no second full-precision copy of an update is ever held. Only updates
+    whose norm the guard could still accept are added, so taking one out costs no precision
+    beyond float32 rounding at the model's own scale.
+
+    Not thread-safe: its calls must come one at a time, in order (the coordinator makes them all
+    on one thread).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, expand: Callable[[Any], torch.Tensor] = lambda t: t) -> None:
+        self.expand = expand
         self.sum: Tensors = {}
         self.total = 0.0
         self.count = 0
+        self.pending: dict[Hashable, tuple[float, list[tuple[str, Any]]]] = {}  # key → weight, parts added
+        self.closed = False  # result() was called: anything later is ignored
 
-    def add(self, update: Iterable[tuple[str, torch.Tensor]], weight: float) -> None:
-        for k, v in update:
-            if k in self.sum:
-                self.sum[k].add_(v, alpha=weight)
+    def add(self, key: Hashable, part: Iterable[tuple[str, Any]], weight: float) -> None:
+        if self.closed:
+            return
+        weight, kept = self.pending.setdefault(key, (weight, []))
+        for name, v in part:
+            t = self.expand(v)
+            if name in self.sum:
+                self.sum[name].add_(t, alpha=weight)
             else:
-                self.sum[k] = v.to(torch.float32, copy=True).mul_(weight)  # v may view received bytes
-        self.total += weight
+                self.sum[name] = t.to(torch.float32, copy=True).mul_(weight)  # t may view received bytes
+            kept.append((name, v))
+
+    def commit(self, key: Hashable, scale: float = 1.0) -> None:
+        if key not in self.pending:
+            return
+        weight, kept = self.pending.pop(key)
+        if scale != 1.0:
+            self._take(kept, (1.0 - scale) * weight)
+        self.total += scale * weight
         self.count += 1
 
+    def discard(self, key: Hashable) -> None:
+        if key in self.pending:
+            weight, kept = self.pending.pop(key)
+            self._take(kept, weight)
+
+    def _take(self, kept: list[tuple[str, Any]], weight: float) -> None:
+        for name, v in kept:
+            self.sum[name].sub_(self.expand(v), alpha=weight)
+
     def result(self) -> Tensors | None:
+        for key in list(self.pending):
+            self.discard(key)
+        self.closed = True
         if not self.sum or self.total <= 0:
             return None
         for v in self.sum.values():
@@ -73,6 +112,11 @@ class UpdateGuard:
         self.clip_factor = clip_factor
         self.norms: deque[float] = deque(maxlen=history)
 
+    def admissible(self, norm: float, model_norm: float) -> bool:
+        """Whether an update whose norm is at least ``norm`` could still be accepted: a caller
+        summing an update as it arrives stops as soon as it could not."""
+        return math.isfinite(norm) and norm <= self.max_ratio * model_norm
+
     def check(self, shapes: dict[str, tuple[int, ...] | None], norm: float,
               model_norm: float) -> tuple[float | None, str, str]:
         """(factor to scale the update by, or None to drop it; status accepted|clipped|rejected; detail)."""
@@ -81,10 +125,9 @@ class UpdateGuard:
         for name, shape in shapes.items():
             if shape != self.shapes[name]:
                 return None, "rejected", f"{name} has shape {shape}, expected {self.shapes[name]}"
-        if not math.isfinite(norm):
-            return None, "rejected", "NaN or Inf values (or a norm beyond float32)"
-        if norm > self.max_ratio * model_norm:
-            return None, "rejected", f"norm {norm:.3g} exceeds {self.max_ratio:g}x the model's norm {model_norm:.3g}"
+        if not self.admissible(norm, model_norm):
+            return None, "rejected", ("NaN or Inf values (or a norm beyond float32)" if not math.isfinite(norm) else
+                                      f"norm {norm:.3g} exceeds {self.max_ratio:g}x the model's norm {model_norm:.3g}")
         if len(self.norms) >= 3:
             limit = self.clip_factor * statistics.median(self.norms)
             if norm > limit:

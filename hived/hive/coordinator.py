@@ -93,15 +93,20 @@ class Peer:
 
 @dataclass
 class Upload:
-    """An update arriving in parts: kept packed (the size it travelled at) until it is accepted;
-    its squared norm is summed part by part off the event loop as the parts arrive."""
+    """An update arriving in parts. Its squared norm is summed part by part as the parts are
+    decoded, and each part goes into its round's aggregator as it arrives, off the event loop,
+    for as long as the update could still be accepted; it is judged whole once complete."""
 
     round: int
     parts: int
-    tensors: dict[str, Any] = field(default_factory=dict)
+    rnd: Round | None  # the round it reports to (None: no round was open for it)
+    tokens: int  # the tokens behind it (its weight), capped at what its peer was given
+    shapes: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
     seen: set[int] = field(default_factory=set)
     squared_norm: float = 0.0
     bytes: int = 0
+    summing: bool = True  # every part so far went into the aggregator
+    adding: asyncio.Future | None = None  # the last part's add, not yet done
 
 
 @dataclass
@@ -112,7 +117,7 @@ class Round:
     model_norm: float = 0.0
     started: float = field(default_factory=time.time)
     reported: set[str] = field(default_factory=set)
-    agg: WeightedMean = field(default_factory=WeightedMean)
+    agg: WeightedMean = field(default_factory=lambda: WeightedMean(unpack))
     losses: list[tuple[float, int]] = field(default_factory=list)
     accepted: int = 0
     clipped: int = 0
@@ -124,7 +129,7 @@ class Round:
     uploading: set[str] = field(default_factory=set)  # peers told to upload now
     training: set[str] = field(default_factory=set)  # peers that have loaded the weights and begun
     broadcast: float = 0.0  # seconds to encode and send weights and work
-    aggregate: float = 0.0  # seconds spent decoding, checking and summing updates
+    aggregate: float = 0.0  # seconds the aggregation thread spent summing updates
     compute: float = 0.0  # the slowest peer's own training time
     apply: float = 0.0  # seconds for the outer optimizer step
     closed: float = 0.0
@@ -185,6 +190,7 @@ class Coordinator:
         self.changed = asyncio.Event()
         self.sending = asyncio.Semaphore(hive.send_slots)
         self.background = ThreadPoolExecutor(1, thread_name_prefix="hived-evaluate")  # in order, one at a time
+        self.aggregating = ThreadPoolExecutor(1, thread_name_prefix="hived-aggregate")  # the aggregator's calls, in order
         self.evaluating: asyncio.Future | None = None
         self.pending: Callable[[], None] | None = None  # the last round's evaluation, not yet started
         self.last_closed = 0.0
@@ -277,12 +283,14 @@ class Coordinator:
                 await self.changed.wait()
                 continue
             rnd = await self._run_round(ready)
-            if rnd.accepted == 0:
-                continue  # nothing usable arrived: the same round number is tried again
+            # Queued after every add and commit made while the round was open
+            update = await asyncio.get_running_loop().run_in_executor(self.aggregating, rnd.agg.result)
+            if update is None:
+                continue  # nothing usable arrived (or nothing worth any tokens): the same round is tried again
             # The previous round's job reads the weights: it must be done before they change.
             self._start_evaluation()
             await self.evaluated()
-            self._apply(rnd)
+            self._apply(rnd, update)
             due = self.round % self.run.train.checkpoint_interval == 0
             self.pending = functools.partial(self._evaluate_and_save, rnd, self._meta() if due else None)
         self._start_evaluation()
@@ -369,9 +377,8 @@ class Coordinator:
         self.bytes_out += rnd.bytes_out
         return rnd
 
-    def _apply(self, rnd: Round) -> None:
+    def _apply(self, rnd: Round, update: dict[str, torch.Tensor]) -> None:
         t0 = time.time()
-        update = rnd.agg.result()
         if self.hive.mode == "sync":
             for group in self.outer.param_groups:
                 group["lr"] = lr_at(self.schedule, self.round)
@@ -524,9 +531,20 @@ class Coordinator:
         known = (unpack(d) for name, d in m.tensors.items() if _shape(d) == self.guard.shapes.get(name))
         return m, squared_norm(known)
 
+    def _aggregate(self, rnd: Round, call: Callable[..., None], *args: Any) -> asyncio.Future:
+        """Run one of ``rnd``'s aggregator calls on the aggregation thread, after every call queued
+        before it, so the event loop never does work the size of the model."""
+        def timed() -> None:
+            t0 = time.perf_counter()
+            call(*args)
+            rnd.aggregate += time.perf_counter() - t0
+        return asyncio.get_running_loop().run_in_executor(self.aggregating, timed)
+
     async def _receive(self, peer: Peer, m: Update, squared: float, size: int) -> None:
         if not 0 < m.parts <= 4096 or not 0 <= m.part < m.parts:
             raise ProtocolError("bad part numbering")
+        if peer.upload is not None and peer.upload.adding is not None:
+            await peer.upload.adding  # at most one part per peer waits to be summed: memory stays bounded
         rnd = self.current
         if rnd is not None and m.round == rnd.number and peer.id not in rnd.uploading:
             raise ProtocolError("an update must wait for the coordinator's Go")
@@ -536,28 +554,39 @@ class Coordinator:
             self.bytes_in += size
         up = peer.upload
         if up is None or (up.round, up.parts) != (m.round, m.parts):
-            up = peer.upload = Upload(m.round, m.parts)
-        if m.part in up.seen or up.tensors.keys() & m.tensors.keys():
+            if up is not None and up.rnd is not None:  # an upload started over: the old one's parts come out
+                self._aggregate(up.rnd, up.rnd.agg.discard, peer.id)
+            counts = (rnd is not None and m.round == rnd.number and peer.id in rnd.expected
+                      and peer.id not in rnd.reported)
+            up = peer.upload = Upload(m.round, m.parts, rnd if counts else None,
+                                      max(0, min(m.tokens, rnd.assigned[peer.id])) if counts else 0)
+        shapes = {name: _shape(d) for name, d in m.tensors.items()}
+        if m.part in up.seen or up.shapes.keys() & shapes.keys():
             raise ProtocolError("a part or tensor sent twice")
         up.bytes += size
         if up.bytes > self.max_update_bytes:  # no honest update is larger than the model in fp32
             raise ProtocolError("update larger than the model")
         up.seen.add(m.part)
-        up.tensors.update(m.tensors)
+        up.shapes.update(shapes)
         up.squared_norm += squared
+        if up.rnd is not None and up.summing:
+            if (up.rnd is rnd and all(shape == self.guard.shapes.get(name) for name, shape in shapes.items())
+                    and self.guard.admissible(math.sqrt(up.squared_norm), rnd.model_norm)):
+                up.adding = self._aggregate(rnd, rnd.agg.add, peer.id, m.tensors.items(), up.tokens)
+            else:  # it can no longer be accepted (or its round closed): what was added comes out
+                up.summing = False
+                self._aggregate(up.rnd, up.rnd.agg.discard, peer.id)
+        m.tensors = {}  # the aggregator holds them now, if they count
         if len(up.seen) < up.parts:
             return
         peer.upload = None
         granted = rnd is not None and peer.id in rnd.uploading
-        late = rnd is None or m.round != rnd.number or peer.id not in rnd.expected or peer.id in rnd.reported
+        late = up.rnd is None or up.rnd is not rnd
         if granted:
             rnd.uploading.discard(peer.id)
         if not late:
             status, detail = self._judge(peer, rnd, up, m)
-        # Nothing of the update may outlive this point: the awaits below can wait on a slow
-        # peer's socket, and many peers holding their updates is how memory grew with peers.
-        del up
-        m.tensors = {}
+        del up  # nothing of the update outlives this point but what the aggregator is about to commit
         if granted:
             await self._grant(rnd)
         if late:
@@ -569,21 +598,21 @@ class Coordinator:
             await self._refuse(peer.ws, f"dropped after {peer.strikes} rejected updates", final=True)
 
     def _judge(self, peer: Peer, rnd: Round, up: Upload, m: Update) -> tuple[str, str]:
-        """Check a complete update and add it to the round (or reject it); no awaits, so the
-        round cannot close half-way. Returns the status and detail for the peer's Ack."""
-        t0 = time.time()
-        scale, status, detail = self.guard.check({name: _shape(d) for name, d in up.tensors.items()},
-                                                 math.sqrt(up.squared_norm), rnd.model_norm)
+        """Judge a complete update, then commit it to the round's sum (scaled, if clipped) or take
+        it back out; no awaits, so the round cannot close half-way. Returns the status and detail
+        for the peer's Ack. An update the guard accepts was summed whole: summing stops only for
+        what it would reject."""
+        scale, status, detail = self.guard.check(up.shapes, math.sqrt(up.squared_norm), rnd.model_norm)
         rnd.reported.add(peer.id)
         if scale is None:
+            self._aggregate(rnd, rnd.agg.discard, peer.id)
             rnd.rejected += 1
             self.rejected += 1
             peer.strikes += 1
             log.warning("rejected an update from %s: %s", peer.name, detail)
         else:
-            tokens = max(0, min(m.tokens, rnd.assigned[peer.id]))
-            # Decoded one tensor at a time: the coordinator never holds a peer's update in fp32.
-            rnd.agg.add(((name, unpack(d)) for name, d in up.tensors.items()), tokens * scale)
+            self._aggregate(rnd, rnd.agg.commit, peer.id, scale)
+            tokens = up.tokens
             rnd.accepted += 1
             rnd.clipped += status == "clipped"
             rnd.losses.append((m.loss if math.isfinite(m.loss) else 0.0, tokens))
@@ -595,7 +624,6 @@ class Coordinator:
             entry["tokens"] += tokens
             if status == "clipped":
                 log.warning("clipped an update from %s: %s", peer.name, detail)
-        rnd.aggregate += time.time() - t0
         rnd.compute = max(rnd.compute, m.seconds if math.isfinite(m.seconds) else 0.0)
         return status, detail
 
