@@ -125,13 +125,18 @@ def test_peer_text_is_cleaned():
 
 
 def test_weighted_mean_sums_parts_and_takes_back_what_is_not_committed():
-    agg = WeightedMean(expand=lambda v: torch.tensor(v, dtype=torch.float16))  # values kept as given
-    agg.add("a", {"w": [1.0, 1.0]}.items(), 1)
-    agg.add("a", iter([("v", [2.0])]), 99)  # later parts keep the first part's weight
-    agg.add("b", {"w": [4.0, 4.0], "v": [6.0]}.items(), 3)
-    agg.add("rejected", {"w": [100.0, -100.0], "v": [8.0]}.items(), 5)
-    agg.add("clipped", {"w": [40.0, 40.0], "v": [40.0]}.items(), 2)
-    agg.add("left", {"w": [7.0, 7.0]}.items(), 4)  # its sender left mid-upload: never committed
+    half = functools.partial(torch.tensor, dtype=torch.float16)
+
+    def part(**values):  # added as fp16 tensors, kept as the lists they came from (the packed form)
+        return [(name, half(v), v) for name, v in values.items()]
+
+    agg = WeightedMean(expand=half)
+    agg.add("a", part(w=[1.0, 1.0]), 1)
+    agg.add("a", iter(part(v=[2.0])), 99)  # later parts keep the first part's weight
+    agg.add("b", part(w=[4.0, 4.0], v=[6.0]), 3)
+    agg.add("rejected", part(w=[100.0, -100.0], v=[8.0]), 5)
+    agg.add("clipped", part(w=[40.0, 40.0], v=[40.0]), 2)
+    agg.add("left", part(w=[7.0, 7.0]), 4)  # its sender left mid-upload: never committed
     agg.commit("a")
     agg.commit("b")
     agg.discard("rejected")
@@ -141,11 +146,11 @@ def test_weighted_mean_sums_parts_and_takes_back_what_is_not_committed():
     result = agg.result()
     assert torch.allclose(result["w"], torch.tensor([(1 + 12 + 0.25 * 2 * 40) / 4.5] * 2))
     assert torch.allclose(result["v"], torch.tensor([(2 + 18 + 0.25 * 2 * 40) / 4.5]))
-    agg.add("late", {"w": [1e6, 1e6]}.items(), 1)  # after the result: ignored
+    agg.add("late", part(w=[1e4, 1e4]), 1)  # after the result: ignored
     agg.commit("late")
     assert agg.count == 3 and torch.allclose(agg.sum["w"], result["w"])
     empty = WeightedMean()
-    empty.add("x", {"w": torch.ones(2)}.items(), 1)
+    empty.add("x", [("w", torch.ones(2), torch.ones(2))], 1)
     assert empty.result() is None  # nothing committed
 
 

@@ -20,7 +20,7 @@ Tensors = dict[str, torch.Tensor]
 
 
 class Aggregator(Protocol):
-    def add(self, key: Hashable, part: Iterable[tuple[str, Any]], weight: float) -> None: ...
+    def add(self, key: Hashable, part: Iterable[tuple[str, torch.Tensor, Any]], weight: float) -> None: ...
     def commit(self, key: Hashable, scale: float = 1.0) -> None: ...
     def discard(self, key: Hashable) -> None: ...
     def result(self) -> Tensors | None: ...
@@ -34,12 +34,12 @@ class WeightedMean:
     An update is summed part by part as it arrives (``add``, under its sender's key, with the
     weight given with its first part) and counts once it is ``commit``ted, scaled if it was
     clipped; ``discard`` takes it back out (rejected), and ``result`` discards whatever was never
-    committed (a sender that left mid-upload) and hands over the sum, divided in place. To take a
-    part back out it keeps the values as given: a caller passes them packed, as small as they
-    travelled, with ``expand`` to read one as a tensor of any float precision (added into float32
-    as it is read), so no second full-precision copy of an update is ever held. Only updates
-    whose norm the guard could still accept are added, so taking one out costs no precision
-    beyond float32 rounding at the model's own scale.
+    committed (a sender that left mid-upload) and hands over the sum, divided in place. A part
+    comes as (name, tensor, kept) triples: the tensor (any float precision) is added now, and
+    ``kept`` is what is held to take it back out, read with ``expand``: a caller passes it
+    packed, as small as it travelled, so no second full-precision copy of an update is held.
+    Only updates whose norm the guard could still accept are added, so taking one out costs no
+    precision beyond float32 rounding at the model's own scale.
 
     Not thread-safe: its calls must come one at a time, in order (the coordinator makes them all
     on one thread).
@@ -50,15 +50,14 @@ class WeightedMean:
         self.sum: Tensors = {}
         self.total = 0.0
         self.count = 0
-        self.pending: dict[Hashable, tuple[float, list[tuple[str, Any]]]] = {}  # key → weight, parts added
+        self.pending: dict[Hashable, tuple[float, list[tuple[str, Any]]]] = {}  # key → weight, what was added
         self.closed = False  # result() was called: anything later is ignored
 
-    def add(self, key: Hashable, part: Iterable[tuple[str, Any]], weight: float) -> None:
+    def add(self, key: Hashable, part: Iterable[tuple[str, torch.Tensor, Any]], weight: float) -> None:
         if self.closed:
             return
         weight, kept = self.pending.setdefault(key, (weight, []))
-        for name, v in part:
-            t = self.expand(v)
+        for name, t, v in part:
             if name in self.sum:
                 self.sum[name].add_(t, alpha=weight)
             else:

@@ -190,7 +190,7 @@ class Coordinator:
         self.changed = asyncio.Event()
         self.sending = asyncio.Semaphore(hive.send_slots)
         self.background = ThreadPoolExecutor(1, thread_name_prefix="hived-evaluate")  # in order, one at a time
-        self.aggregating = ThreadPoolExecutor(1, thread_name_prefix="hived-aggregate")  # the aggregator's calls, in order
+        self.aggregating = ThreadPoolExecutor(1, thread_name_prefix="hived-aggregate")  # aggregator calls, in order
         self.evaluating: asyncio.Future | None = None
         self.pending: Callable[[], None] | None = None  # the last round's evaluation, not yet started
         self.last_closed = 0.0
@@ -466,10 +466,10 @@ class Coordinator:
                     raise ProtocolError("only binary frames are accepted")
                 # Frames decode off the event loop, so peers' uploads are decoded in parallel.
                 size = len(msg.data)
-                m, squared = await loop.run_in_executor(None, self._decode, msg.data)
+                m, known, squared = await loop.run_in_executor(None, self._decode, msg.data)
                 del msg  # the raw frame must not outlive its decoding (see _receive)
                 if isinstance(m, Update):
-                    await self._receive(peer, m, squared, size)
+                    await self._receive(peer, m, known, squared, size)
                 elif isinstance(m, Training):
                     if self.current is not None and m.round == self.current.number:
                         self.current.training.add(peer.id)
@@ -522,14 +522,16 @@ class Coordinator:
             except (ConnectionError, RuntimeError):
                 rnd.uploading.discard(peer.id)
 
-    def _decode(self, frame: bytes) -> tuple[Any, float]:
-        """A frame's message and, for an update part, the squared norm of the tensors the model has
-        (anything else is left for the guard to reject, never unpacked)."""
+    def _decode(self, frame: bytes) -> tuple[Any, list[tuple[str, torch.Tensor, Any]], float]:
+        """A frame's message and, for an update part, the tensors the model has (name, float32,
+        packed) and their squared norm. Converted once, for both the norm and the sum; anything
+        else is left for the guard to reject, never unpacked."""
         m = decode(frame)
         if not isinstance(m, Update):
-            return m, 0.0
-        known = (unpack(d) for name, d in m.tensors.items() if _shape(d) == self.guard.shapes.get(name))
-        return m, squared_norm(known)
+            return m, [], 0.0
+        known = [(name, unpack(d).float(), d) for name, d in m.tensors.items()
+                 if _shape(d) == self.guard.shapes.get(name)]
+        return m, known, squared_norm(t for _, t, _ in known)
 
     def _aggregate(self, rnd: Round, call: Callable[..., None], *args: Any) -> asyncio.Future:
         """Run one of ``rnd``'s aggregator calls on the aggregation thread, after every call queued
@@ -540,7 +542,8 @@ class Coordinator:
             rnd.aggregate += time.perf_counter() - t0
         return asyncio.get_running_loop().run_in_executor(self.aggregating, timed)
 
-    async def _receive(self, peer: Peer, m: Update, squared: float, size: int) -> None:
+    async def _receive(self, peer: Peer, m: Update, known: list[tuple[str, torch.Tensor, Any]], squared: float,
+                       size: int) -> None:
         if not 0 < m.parts <= 4096 or not 0 <= m.part < m.parts:
             raise ProtocolError("bad part numbering")
         if peer.upload is not None and peer.upload.adding is not None:
@@ -570,12 +573,13 @@ class Coordinator:
         up.shapes.update(shapes)
         up.squared_norm += squared
         if up.rnd is not None and up.summing:
-            if (up.rnd is rnd and all(shape == self.guard.shapes.get(name) for name, shape in shapes.items())
+            if (up.rnd is rnd and len(known) == len(shapes)
                     and self.guard.admissible(math.sqrt(up.squared_norm), rnd.model_norm)):
-                up.adding = self._aggregate(rnd, rnd.agg.add, peer.id, m.tensors.items(), up.tokens)
+                up.adding = self._aggregate(rnd, rnd.agg.add, peer.id, known, up.tokens)
             else:  # it can no longer be accepted (or its round closed): what was added comes out
                 up.summing = False
                 self._aggregate(up.rnd, up.rnd.agg.discard, peer.id)
+        del known
         m.tensors = {}  # the aggregator holds them now, if they count
         if len(up.seen) < up.parts:
             return
