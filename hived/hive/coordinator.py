@@ -572,15 +572,19 @@ class Coordinator:
         up.seen.add(m.part)
         up.shapes.update(shapes)
         up.squared_norm += squared
+        # The caller holds ``known`` and ``m`` across its awaits (an Ack to a slow socket, the next
+        # frame): emptied here, the part lives only as long as the aggregator needs it.
+        part = list(known)
+        known.clear()
+        m.tensors = {}
         if up.rnd is not None and up.summing:
-            if (up.rnd is rnd and len(known) == len(shapes)
+            if (up.rnd is rnd and len(part) == len(shapes)
                     and self.guard.admissible(math.sqrt(up.squared_norm), rnd.model_norm)):
-                up.adding = self._aggregate(rnd, rnd.agg.add, peer.id, known, up.tokens)
+                up.adding = self._aggregate(rnd, rnd.agg.add, peer.id, part, up.tokens)
             else:  # it can no longer be accepted (or its round closed): what was added comes out
                 up.summing = False
                 self._aggregate(up.rnd, up.rnd.agg.discard, peer.id)
-        del known
-        m.tensors = {}  # the aggregator holds them now, if they count
+        del part
         if len(up.seen) < up.parts:
             return
         peer.upload = None
