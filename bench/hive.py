@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -195,7 +196,7 @@ def floor_frames() -> list[bytes]:
     from hived.protocol import Update, tensor_frames
 
     torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=6, n_head=8, n_embd=240, block_size=64, vocab_size=104))  # 4,175,280
+    model = GPT(ModelConfig(**tomllib.loads(MODEL)["model"], vocab_size=104))  # the hive's model: 4,175,280
     return [job() for job in tensor_frames(Update(0, 0, 0, 64, 3.0, 0.1),
                                            {k: p.detach() * 1e-3 for k, p in model.named_parameters()}, "fp16")]
 
