@@ -5,6 +5,9 @@ layers, width 240) with one tiny step per round, so a round is almost all commun
 each round the coordinator records its phases; the overhead is the round's wall time minus the
 slowest peer's own training time, plus the gap between rounds: broadcast, upload, aggregation,
 the outer step and anything else the coordinator does between two rounds (start to start).
+It also reports the CPU time a round takes in the coordinator and in the peers together (all
+threads, from /proc, after the warmup): where the processes share fewer cores than they could
+use, the overhead follows the CPU that packing, sending, decoding and summing cost, not the bytes.
 
     python bench/hive.py [--rounds 12] [--compressions fp32 fp16 bf16 int8]
     python bench/hive.py --convergence ../shared/data/tinyshakespeare.txt --rounds 10
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import socket
 import statistics
@@ -67,8 +71,16 @@ def status(port: int) -> dict | None:
 CLI = [sys.executable, "-m", "hived.cli"]
 
 
-def run_hive(serve_args: list[str], rounds: int, peers: int, timeout: float = 1800) -> dict:
-    """A coordinator and ``peers`` peers until ``rounds`` rounds are done; the final status."""
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, all its threads (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_hive(serve_args: list[str], rounds: int, peers: int, timeout: float = 1800, warmup: int = 0) -> dict:
+    """A coordinator and ``peers`` peers until ``rounds`` rounds are done; the final status, with
+    ``cpu_ms``: the CPU milliseconds a round of the coordinator and of all peers together, from
+    the end of round ``warmup`` (or soon after) to the end."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         key = KeyStore(tmp / "state").add("bench")
@@ -88,10 +100,17 @@ def run_hive(serve_args: list[str], rounds: int, peers: int, timeout: float = 18
                                         "--max-rounds", str(rounds)], env=env, stderr=subprocess.DEVNULL)
                       for i in range(peers)]
             deadline = time.time() + timeout
+            start = None  # (rounds done, CPU seconds of each process) once the warmup is over
             while (s := status(port)) is None or len(s["history"]) < rounds:
                 if time.time() > deadline:
                     raise TimeoutError(f"{rounds} rounds did not finish in {timeout:.0f} s")
-                time.sleep(0.5)
+                if start is None and s is not None and len(s["history"]) >= warmup:
+                    start = len(s["history"]), [cpu_seconds(p.pid) for p in procs]
+                time.sleep(0.1 if start is None else 0.5)
+            done, cpu = len(s["history"]), [cpu_seconds(p.pid) for p in procs]
+            if start is not None and done > start[0]:
+                per_round = [1000 * (b - a) / (done - start[0]) for a, b in zip(start[1], cpu)]
+                s["cpu_ms"] = {"coordinator": per_round[0], "peers": sum(per_round[1:])}
         finally:
             for p in procs:
                 p.kill()
@@ -101,7 +120,7 @@ def run_hive(serve_args: list[str], rounds: int, peers: int, timeout: float = 18
 
 def measure(compression: str, rounds: int, warmup: int, peers: int) -> dict:
     s = run_hive(["--config", "{run.toml}", "--compression", compression, "--inner-steps", "1", "--batch-size", "1",
-                  "--eval-tokens", "256"], rounds + warmup, peers, timeout=600)
+                  "--eval-tokens", "256"], rounds + warmup, peers, timeout=600, warmup=warmup)
     hist = s["history"][warmup:]
     med = lambda key: statistics.median(r[key] for r in hist)  # noqa: E731
     # start to start: the round itself, less the slowest peer's training, plus the gap before the
@@ -111,7 +130,7 @@ def measure(compression: str, rounds: int, warmup: int, peers: int) -> dict:
         "compression": compression, "parameters": s["parameters"], "rounds": len(hist),
         "round_s": med("seconds"), "peer_compute_s": med("compute"), "overhead_s": overhead,
         "broadcast_s": med("broadcast"), "aggregate_s": med("aggregate"), "apply_s": med("apply"),
-        "between_s": med("between"),
+        "between_s": med("between"), "cpu_ms": s.get("cpu_ms", {"coordinator": math.nan, "peers": math.nan}),
         "up_bytes_per_peer": med("bytes_in") / peers, "down_bytes_per_peer": med("bytes_out") / peers,
     }
 
@@ -348,12 +367,13 @@ def main() -> None:
     print(f"{rows[0]['parameters']:,} parameters, {args.peers} peers, medians over {args.rounds} rounds; "
           f"raw fp32 = {raw / 1e6:.1f} MB per direction per peer")
     print("compression  round s  peer compute s  overhead s  (broadcast  aggregate  apply  between)  "
-          "up MB/peer  down MB/peer  up vs fp32  both vs fp32")
+          "up MB/peer  down MB/peer  up vs fp32  both vs fp32  CPU ms/round (coordinator  peers)")
     for r in rows:
         up, down = r["up_bytes_per_peer"], r["down_bytes_per_peer"]
         print(f"{r['compression']:11s}  {r['round_s']:7.3f}  {r['peer_compute_s']:14.3f}  {r['overhead_s']:10.3f}  "
               f"({r['broadcast_s']:9.3f}  {r['aggregate_s']:9.3f}  {r['apply_s']:5.3f}  {r['between_s']:7.3f})  {up / 1e6:10.2f}  "
-              f"{down / 1e6:12.2f}  {raw / up:9.2f}x  {2 * raw / (up + down):11.2f}x")
+              f"{down / 1e6:12.2f}  {raw / up:9.2f}x  {2 * raw / (up + down):11.2f}x  "
+              f"{r['cpu_ms']['coordinator']:25.0f}  {r['cpu_ms']['peers']:5.0f}")
 
 
 if __name__ == "__main__":
