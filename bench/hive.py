@@ -80,7 +80,7 @@ def cpu_seconds(pid: int) -> float:
 def run_hive(serve_args: list[str], rounds: int, peers: int, timeout: float = 1800, warmup: int = 0) -> dict:
     """A coordinator and ``peers`` peers until ``rounds`` rounds are done; the final status, with
     ``cpu_ms``: the CPU milliseconds a round of the coordinator and of all peers together, from
-    the end of round ``warmup`` (or soon after) to the end."""
+    the end of round ``warmup`` (or soon after) to the end (NaN if no round ended in between)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         key = KeyStore(tmp / "state").add("bench")
@@ -108,9 +108,9 @@ def run_hive(serve_args: list[str], rounds: int, peers: int, timeout: float = 18
                     start = len(s["history"]), [cpu_seconds(p.pid) for p in procs]
                 time.sleep(0.1 if start is None else 0.5)
             done, cpu = len(s["history"]), [cpu_seconds(p.pid) for p in procs]
-            if start is not None and done > start[0]:
-                per_round = [1000 * (b - a) / (done - start[0]) for a, b in zip(start[1], cpu)]
-                s["cpu_ms"] = {"coordinator": per_round[0], "peers": sum(per_round[1:])}
+            per_round = ([1000 * (b - a) / (done - start[0]) for a, b in zip(start[1], cpu)]
+                         if start is not None and done > start[0] else [math.nan] * len(procs))
+            s["cpu_ms"] = {"coordinator": per_round[0], "peers": sum(per_round[1:])}
         finally:
             for p in procs:
                 p.kill()
@@ -130,7 +130,7 @@ def measure(compression: str, rounds: int, warmup: int, peers: int) -> dict:
         "compression": compression, "parameters": s["parameters"], "rounds": len(hist),
         "round_s": med("seconds"), "peer_compute_s": med("compute"), "overhead_s": overhead,
         "broadcast_s": med("broadcast"), "aggregate_s": med("aggregate"), "apply_s": med("apply"),
-        "between_s": med("between"), "cpu_ms": s.get("cpu_ms", {"coordinator": math.nan, "peers": math.nan}),
+        "between_s": med("between"), "cpu_ms": s["cpu_ms"],
         "up_bytes_per_peer": med("bytes_in") / peers, "down_bytes_per_peer": med("bytes_out") / peers,
     }
 
