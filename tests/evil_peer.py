@@ -1,9 +1,10 @@
 """A misbehaving hive peer for the tests: a real process that speaks the real protocol but sends
-poisoned (or late) updates. Usage: python evil_peer.py URL KEY nan|tail|scale|slow
+poisoned (or late, or no) updates. Usage: python evil_peer.py URL KEY nan|tail|scale|slow|stall
 
 nan: every value NaN; tail: -5x the honest update (it would undo training), but NaN in the last
 tensor, so the coordinator has summed the rest by the time it sees why to reject it; scale: 1000x
-the honest update; slow: honest but too late."""
+the honest update; slow: honest but too late; stall: honest for two rounds, then it takes the third
+round's work and goes silent before it starts training."""
 
 import asyncio
 import logging
@@ -11,6 +12,7 @@ import sys
 import time
 
 from hived.hive.peer import Peer, PeerOptions
+from hived.protocol import Work
 
 
 class EvilPeer(Peer):
@@ -18,8 +20,16 @@ class EvilPeer(Peer):
         super().__init__(opts)
         self.kind = kind
 
+    def _receive(self, frame):
+        m = super()._receive(frame)
+        if self.kind == "stall" and isinstance(m, Work) and m.round >= 2:
+            time.sleep(3600)
+        return m
+
     def work(self, work):
         header, delta = super().work(work)
+        if self.kind == "stall":
+            return header, delta
         if self.kind == "slow":
             time.sleep(8)  # misses the round timeout: a late report
             return header, delta

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -217,14 +218,22 @@ def test_late_reports_are_refused_and_counted(hive_factory):
     slow.kill()
 
 
-def test_sigterm_checkpoints_the_current_round(hive_factory):
-    hive = hive_factory("--inner-steps", "5", "--checkpoint-interval", "1000")
-    hive.join(name="p")
-    hive.wait(lambda s: s["round"] >= 2)
+def test_sigterm_checkpoints_the_last_applied_round_and_its_evaluation(hive_factory):
+    """A round's evaluation starts once the next round's peers have begun training. The stalling
+    peer never begins the third round, so SIGTERM comes while the second is applied but not yet
+    evaluated. The checkpoint must hold the second round's evaluation: the history a restart
+    resumes with has every round."""
+    hive = hive_factory("--inner-steps", "5", "--checkpoint-interval", "1000", "--min-peers", "2")
+    p = hive.join("--max-rounds", "3", name="p")
+    hive.spawn(sys.executable, str(HERE / "evil_peer.py"), hive.url, hive.key, "stall", log="stall.log")
+    assert p.wait(timeout=120) == 0  # its third update (the third round's) was accepted
     hive.coordinator.send_signal(signal.SIGTERM)
-    assert hive.coordinator.wait(timeout=60) == 0
+    # well before aiohttp's 60 s wait for open handlers, which a peer's WebSocket would be
+    assert hive.coordinator.wait(timeout=30) == 0
     state = checkpoint.load(hive.state / "coordinator.pt")
-    assert state["round"] >= 2 and state["ledger"]["p"]["rounds"] >= 2
+    assert state["round"] == 2 and [r["round"] for r in state["history"]] == [1, 2]
+    assert all(math.isfinite(r["val_loss"]) for r in state["history"])
+    assert state["ledger"]["evil-stall"]["rounds"] == 2
 
 
 def test_tls(tmp_path, env, corpus):
@@ -307,7 +316,7 @@ def test_shutdown_waits_for_the_background_job_even_when_its_waiter_was_cancelle
         await asyncio.sleep(0.1)
         rounds.cancel()
         await asyncio.gather(rounds, return_exceptions=True)
-        await coordinator.evaluated()  # what stop_rounds does next
+        await coordinator.shutdown()  # what stop_rounds does next
 
     asyncio.run(shutdown())
     assert finished.is_set()

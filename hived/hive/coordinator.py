@@ -296,6 +296,18 @@ class Coordinator:
         self._start_evaluation()
         await self.evaluated()
 
+    async def shutdown(self) -> None:
+        """Once the rounds' task is cancelled (SIGTERM): the last applied round is evaluated if
+        its evaluation had not started, since its record belongs in the history a restart resumes
+        with; then the peers are told, all at once (a peer that does not answer the close holds it
+        up to the WebSocket's close timeout), and the whole state is checkpointed, newer than
+        anything the evaluation wrote."""
+        self._start_evaluation()
+        await self.evaluated()
+        await asyncio.gather(*(p.ws.close(code=1001, message=b"coordinator shutting down")
+                               for p in list(self.peers.values())))
+        self.save()
+
     def _start_evaluation(self) -> None:
         if self.pending is not None:
             self.evaluating = asyncio.get_running_loop().run_in_executor(self.background, self.pending)
@@ -666,7 +678,10 @@ COORDINATOR = web.AppKey("coordinator", Coordinator)
 
 
 def add_routes(app: web.Application, coordinator: Coordinator) -> None:
-    """The peers' WebSocket, and the rounds running for as long as the app does."""
+    """The peers' WebSocket, and the rounds running until the app shuts down. They stop on
+    shutdown, not cleanup: aiohttp waits (up to its shutdown timeout, 60 s) for open handlers
+    between the two, and a peer's WebSocket stays open until the coordinator closes it, while the
+    rounds would go on."""
     app[COORDINATOR] = coordinator
     app.router.add_get("/ws/peer", coordinator.handle_peer)
 
@@ -680,14 +695,10 @@ def add_routes(app: web.Application, coordinator: Coordinator) -> None:
             await task
         except asyncio.CancelledError:
             pass
-        coordinator = app[COORDINATOR]
-        await coordinator.evaluated()  # its checkpoint is older than the one written next
-        for peer in list(coordinator.peers.values()):
-            await peer.ws.close(code=1001, message=b"coordinator shutting down")
-        coordinator.save()
+        await app[COORDINATOR].shutdown()
 
     app.on_startup.append(start_rounds)
-    app.on_cleanup.append(stop_rounds)
+    app.on_shutdown.append(stop_rounds)
 
 
 ROUNDS = web.AppKey("rounds", asyncio.Task)
