@@ -118,7 +118,9 @@ class Round:
     started: float = field(default_factory=time.time)
     reported: set[str] = field(default_factory=set)
     agg: WeightedMean = field(default_factory=lambda: WeightedMean(unpack))
-    losses: list[tuple[float, int]] = field(default_factory=list)
+    # the accepted updates' senders, losses and tokens: credited to the ledger once the round is
+    # applied, so a round that never is (SIGTERM before it closes) credits nobody
+    credits: list[tuple[Peer, float, int]] = field(default_factory=list)
     accepted: int = 0
     clipped: int = 0
     rejected: int = 0
@@ -399,7 +401,13 @@ class Coordinator:
         self.outer.step()
         self.outer.zero_grad(set_to_none=True)
         self.round += 1
-        self.tokens += sum(t for _, t in rnd.losses)
+        for peer, _, tokens in rnd.credits:
+            peer.rounds += 1
+            peer.tokens += tokens
+            entry = self.ledger.setdefault(peer.name, {"rounds": 0, "tokens": 0})
+            entry["rounds"] += 1
+            entry["tokens"] += tokens
+            self.tokens += tokens
         rnd.tokens_after = self.tokens
         rnd.apply = time.time() - t0
 
@@ -417,7 +425,7 @@ class Coordinator:
             self.events.emit("weights", model=self.model, tokenizer=self.trainer.tokenizer, label=f"round {number}")
         if number % max(1, self.run.train.sample_interval // self._steps_per_round()) == 0:
             self.trainer.sample()
-        loss = sum(l * t for l, t in rnd.losses) / max(1, sum(t for _, t in rnd.losses))
+        loss = sum(l * t for _, l, t in rnd.credits) / max(1, sum(t for *_, t in rnd.credits))
         record = {
             "round": number, "train_loss": loss, "val_loss": val, "tokens": rnd.tokens_after,
             "accepted": rnd.accepted, "clipped": rnd.clipped, "rejected": rnd.rejected, "late": rnd.late,
@@ -635,13 +643,8 @@ class Coordinator:
             tokens = up.tokens
             rnd.accepted += 1
             rnd.clipped += status == "clipped"
-            rnd.losses.append((m.loss if math.isfinite(m.loss) else 0.0, tokens))
-            peer.rounds += 1
-            peer.tokens += tokens
+            rnd.credits.append((peer, m.loss if math.isfinite(m.loss) else 0.0, tokens))
             peer.tokens_per_sec = tokens / max(1e-6, time.time() - peer.sent_at)
-            entry = self.ledger.setdefault(peer.name, {"rounds": 0, "tokens": 0})
-            entry["rounds"] += 1
-            entry["tokens"] += tokens
             if status == "clipped":
                 log.warning("clipped an update from %s: %s", peer.name, detail)
         rnd.compute = max(rnd.compute, m.seconds if math.isfinite(m.seconds) else 0.0)
