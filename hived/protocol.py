@@ -208,13 +208,14 @@ def clean_text(text: str, limit: int = MAX_TEXT) -> str:
 
 def pack(t: torch.Tensor, compression: str = "fp32") -> dict:
     """A tensor as a msgpack-friendly map; int8 is blockwise with a scale per block."""
-    return _quantize(t, compression)[0]
+    return _quantize(t, compression, received=False)[0]
 
 
-def _quantize(t: torch.Tensor, compression: str) -> tuple[dict, torch.Tensor | None]:
-    """The packed map, and (except for fp32) the values the receiver will decode, computed
-    without a round trip through bytes (in half precision for fp16 and bf16: arithmetic with
-    float32 tensors promotes them as it goes). The map holds views of the tensors' memory, not
+def _quantize(t: torch.Tensor, compression: str, received: bool = True) -> tuple[dict, torch.Tensor | None]:
+    """The packed map, and (except for fp32, or without ``received``) the values the receiver
+    will decode, computed without a round trip through bytes (in half precision for fp16 and
+    bf16: arithmetic with float32 tensors promotes them as it goes). Only error feedback needs
+    them; for int8 they cost two more passes. The map holds views of the tensors' memory, not
     copies: msgpack packs any buffer."""
     t = t.detach().to("cpu", torch.float32).contiguous()
     shape = list(t.shape)
@@ -229,10 +230,10 @@ def _quantize(t: torch.Tensor, compression: str) -> tuple[dict, torch.Tensor | N
     if compression == "int8":
         flat = t.flatten()
         pad = (-flat.numel()) % INT8_BLOCK
-        blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, INT8_BLOCK)
+        blocks = (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, INT8_BLOCK)
         scale = blocks.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        q = torch.round(blocks / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-        back = (q.float() * scale[:, None]).flatten()[: flat.numel()].view(t.shape)
+        q = (blocks / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        back = (q.float() * scale[:, None]).flatten()[: flat.numel()].view(t.shape) if received else None
         return {"dtype": "int8", "shape": shape, "data": _buffer(q), "scale": _buffer(scale)}, back
     raise ValueError(f"unknown compression {compression!r}; use one of {', '.join(COMPRESSIONS)}")
 
