@@ -15,6 +15,7 @@ use, the overhead follows the CPU that packing, sending, decoding and summing co
         --outer-lr 1.0 --outer-momentum 0
     python bench/hive.py --scale 8 64 256
     python bench/hive.py --floor
+    python bench/hive.py --pieces [--compressions fp16]
 
 --scale runs one coordinator (10m preset, int8) against N simulated peers (asyncio connections
 in one separate process that answer every round with a precomputed update) and reports the round
@@ -23,6 +24,10 @@ time and the coordinator's peak memory (VmHWM) for each N.
 --floor times the WebSocket transport alone (aiohttp on both ends, as in the daemon) for one
 round's bytes: two peer processes upload a packed fp16 update at once, then receive the same
 bytes back; nothing is packed or decoded in the timed part.
+
+--pieces times each piece of a round's critical path alone, in one process, through the daemon's
+own functions (packing with error feedback, decoding, summing, the outer step, the weights'
+packing and loading): the overhead's parts before the three processes share the cores.
 
 --convergence trains the 1m preset on a corpus twice with the same number of tokens: with two
 diloco peers (50 inner steps a round) and as a single `hived train` process, and reports both
@@ -206,18 +211,86 @@ async def simulate(url: str, key: str, n: int) -> None:
         await asyncio.gather(*(peer(i, http) for i in range(n)), return_exceptions=True)
 
 
-def floor_frames() -> list[bytes]:
-    """One fp16 update of the benchmark's model, packed: the bytes a round moves per peer."""
+def bench_model():
+    """The hive's model (4,175,280 parameters with the built-in corpus's 104 characters), seeded."""
     import torch
 
     from hived.config import ModelConfig
     from hived.model import GPT
-    from hived.protocol import Update, tensor_frames
 
     torch.manual_seed(0)
-    model = GPT(ModelConfig(**tomllib.loads(MODEL)["model"], vocab_size=104))  # the hive's model: 4,175,280
+    return GPT(ModelConfig(**tomllib.loads(MODEL)["model"], vocab_size=104))
+
+
+def floor_frames() -> list[bytes]:
+    """One fp16 update of the benchmark's model, packed: the bytes a round moves per peer."""
+    from hived.protocol import Update, tensor_frames
+
     return [job() for job in tensor_frames(Update(0, 0, 0, 64, 3.0, 0.1),
-                                           {k: p.detach() * 1e-3 for k, p in model.named_parameters()}, "fp16")]
+                                           {k: p.detach() * 1e-3 for k, p in bench_model().named_parameters()},
+                                           "fp16")]
+
+
+def pieces(compression: str, calls: int = 30) -> None:
+    """Each piece of a round's critical path alone, in this one process, through the daemon's own
+    code: what the overhead would be made of if nothing shared the cores."""
+    import types
+
+    import torch
+
+    from hived.hive.aggregation import UpdateGuard, WeightedMean, model_norm
+    from hived.hive.coordinator import Coordinator
+    from hived.hive.peer import Peer
+    from hived.protocol import ErrorFeedback, Update, Weights, decode, tensor_frames, unpack
+    from hived.trainer import fused
+
+    model = bench_model()
+    params = dict(model.named_parameters())
+    delta = {k: torch.randn_like(p) * 1e-3 for k, p in params.items()}
+    feedback = ErrorFeedback(compression)
+    update = [job() for job in tensor_frames(Update(0, 0, 0, 64, 3.0, 0.1), delta, compression, feedback.pack)]
+    weights = [job() for job in tensor_frames(Weights(0, 0, 0), {k: p.data for k, p in params.items()}, compression)]
+    coordinator = types.SimpleNamespace(guard=UpdateGuard({k: p.shape for k, p in params.items()}))
+    peer = types.SimpleNamespace(trainer=types.SimpleNamespace(model=model), loaded=set())
+    decoded = [Coordinator._decode(coordinator, f) for f in update]
+    outer = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9, nesterov=True, fused=fused(torch.device("cpu")))
+
+    def aggregate() -> None:
+        agg = WeightedMean(unpack)
+        for _, known, _ in decoded:
+            agg.add(0, known, 1.0)
+        agg.commit(0)
+        agg.result()
+
+    def step() -> None:
+        for k, p in params.items():
+            p.grad = delta[k]
+        outer.step()
+        outer.zero_grad(set_to_none=True)
+
+    rows = [
+        ("peer: error feedback alone, every tensor", lambda: [feedback.pack(k, t) for k, t in delta.items()]),
+        ("peer: pack the update (error feedback, msgpack, zstd)",
+         lambda: [job() for job in tensor_frames(Update(0, 0, 0, 64, 3.0, 0.1), delta, compression, feedback.pack)]),
+        ("coordinator: decode an update (zstd, msgpack, float32, norm)",
+         lambda: [Coordinator._decode(coordinator, f) for f in update]),
+        ("coordinator: sum it (add, commit, divide)", aggregate),
+        ("coordinator: outer step", step),
+        ("coordinator: the model's norm", lambda: model_norm(params)),
+        ("coordinator: pack the weights",
+         lambda: [job() for job in tensor_frames(Weights(0, 0, 0), {k: p.data for k, p in params.items()},
+                                                 compression)]),
+        ("peer: decode and load the weights", lambda: [Peer.load(peer, decode(f)) for f in weights]),
+    ]
+    print(f"{sum(p.numel() for p in params.values()):,} parameters, {compression}, {len(update)} update parts, "
+          f"{torch.get_num_threads()} torch threads; median ms of {calls} calls")
+    for name, fn in rows:
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        print(f"{name:62s} {1000 * statistics.median(times):6.1f}")
 
 
 async def floor_peer(url: str) -> None:
@@ -354,7 +427,10 @@ def main() -> None:
     p.add_argument("--outer-momentum", type=float, default=0.9)
     p.add_argument("--scale", type=int, nargs="+", metavar="N", help="simulated peer counts")
     p.add_argument("--floor", action="store_true", help="time the WebSocket transport alone for one round's bytes")
+    p.add_argument("--pieces", action="store_true", help="time each piece of a round alone, in one process")
     args = p.parse_args()
+    if args.pieces:
+        return pieces(args.compressions[0] if len(args.compressions) == 1 else "fp16")
     if args.floor:
         return asyncio.run(floor(args.rounds if args.rounds != 12 else 30))
     if args.scale:
