@@ -121,7 +121,6 @@ class Round:
     # the accepted updates' senders, losses and tokens: credited to the ledger once the round is
     # applied, so a round that never is (SIGTERM before it closes) credits nobody
     credits: list[tuple[Peer, float, int]] = field(default_factory=list)
-    accepted: int = 0
     clipped: int = 0
     rejected: int = 0
     late: int = 0  # reports for earlier rounds that arrived during this one
@@ -137,6 +136,10 @@ class Round:
     closed: float = 0.0
     between: float = 0.0  # seconds from the previous round's close to this one's start
     tokens_after: int = 0  # the hive's tokens once this round is applied
+
+    @property
+    def accepted(self) -> int:
+        return len(self.credits)
 
 
 class FailedAttempts:
@@ -289,13 +292,10 @@ class Coordinator:
             update = await asyncio.get_running_loop().run_in_executor(self.aggregating, rnd.agg.result)
             if update is None:
                 continue  # nothing usable arrived (or nothing worth any tokens): the same round is tried again
-            # The previous round's job reads the weights: it must be done before they change.
-            self._start_evaluation()
-            await self.evaluated()
+            await self.evaluated()  # the previous round's job reads the weights: done before they change
             self._apply(rnd, update)
             due = self.round % self.run.train.checkpoint_interval == 0
             self.pending = functools.partial(self._evaluate_and_save, rnd, self._meta() if due else None)
-        self._start_evaluation()
         await self.evaluated()
 
     async def shutdown(self) -> None:
@@ -304,7 +304,6 @@ class Coordinator:
         with; then the peers are told, all at once (a peer that does not answer the close holds it
         up to the WebSocket's close timeout), and the whole state is checkpointed, newer than
         anything the evaluation wrote."""
-        self._start_evaluation()
         await self.evaluated()
         await asyncio.gather(*(p.ws.close(code=1001, message=b"coordinator shutting down")
                                for p in list(self.peers.values())))
@@ -316,9 +315,11 @@ class Coordinator:
             self.pending = None
 
     async def evaluated(self) -> None:
-        """Wait for the evaluation in progress, if any. Shielded: cancelling a waiter (the rounds'
-        task, at shutdown) must not cancel the job's future while its thread goes on, or the
-        shutdown could not wait for it before writing the last checkpoint."""
+        """Start the last applied round's evaluation if it has not started, and wait for the one in
+        progress, if any. Shielded: cancelling a waiter (the rounds' task, at shutdown) must not
+        cancel the job's future while its thread goes on, or the shutdown could not wait for it
+        before writing the last checkpoint."""
+        self._start_evaluation()
         if self.evaluating is not None:
             await asyncio.shield(self.evaluating)
             self.evaluating = None
@@ -641,7 +642,6 @@ class Coordinator:
         else:
             self._aggregate(rnd, rnd.agg.commit, peer.id, scale)
             tokens = up.tokens
-            rnd.accepted += 1
             rnd.clipped += status == "clipped"
             rnd.credits.append((peer, m.loss if math.isfinite(m.loss) else 0.0, tokens))
             peer.tokens_per_sec = tokens / max(1e-6, time.time() - peer.sent_at)
