@@ -112,8 +112,21 @@ def stop_on_signals() -> threading.Event:
 
 WEB_HOST = click.option("--host", default="127.0.0.1", show_default=True,
                         help="address of the dashboard, chat and API (0.0.0.0: every interface)")
+THREADS = click.option("--threads", type=click.IntRange(min=1), envvar="HIVED_THREADS",
+                        help="CPU threads for torch (default: every core); where several hived processes share "
+                             "a machine, give each its share [env HIVED_THREADS]")
 API_KEY = click.option("--api-key-file", type=click.File("r"), envvar="HIVED_API_KEY_FILE",
                        help="require this bearer key on /v1/ (the chat API); or set HIVED_API_KEY")
+
+
+def _use_threads(threads: int | None) -> None:
+    """Set before any work starts. Processes whose threads outnumber the cores slow each other
+    down far more than their share: torch's parallel operations wait at a barrier for threads
+    that are not running (docs/benchmarks.md, "Sharing a machine: --threads")."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _api_limits(api_key_file) -> ApiLimits:
@@ -140,11 +153,14 @@ def _open_browser(url: str) -> None:
 @click.option("--port", type=int, default=8765, show_default=True,
               help="dashboard and chat port; a free one is taken if it is busy")
 @click.option("--no-ui", is_flag=True, help="train without serving the dashboard and chat")
+@THREADS
 @API_KEY
 @train_options
 @user_errors
-def train(config_file: str | None, host: str, port: int, no_ui: bool, api_key_file, **flags) -> None:
+def train(config_file: str | None, host: str, port: int, no_ui: bool, threads: int | None, api_key_file,
+          **flags) -> None:
     """Train a GPT on your text (or the built-in corpus) on this machine, with a live dashboard."""
+    _use_threads(threads)
     from .local import Diverged, resolve_run
     from .local import train as run_training
 
@@ -320,13 +336,14 @@ STATE_DIR = _state_dir(required=True)
               help="updates received at once (bounds memory, whatever the number of peers)")
 @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), help="serve https/wss with this certificate")
 @click.option("--tls-key", type=click.Path(dir_okay=False, exists=True))
+@THREADS
 @API_KEY
 @train_options
 @user_errors
 def serve(role: str, checkpoint: str | None, state_dir: str | None, host: str, port: int, tls_cert: str | None,
-          tls_key: str | None, api_key_file, config_file: str | None, mode: str, inner_steps: int, compression: str,
-          outer_lr: float, outer_momentum: float, round_timeout: float, min_peers: int, rounds: int,
-          upload_slots: int, **flags) -> None:
+          tls_key: str | None, threads: int | None, api_key_file, config_file: str | None, mode: str,
+          inner_steps: int, compression: str, outer_lr: float, outer_momentum: float, round_timeout: float,
+          min_peers: int, rounds: int, upload_slots: int, **flags) -> None:
     """Run the daemon: a hive coordinator that peers join with `hived join`, or (--checkpoint) a
     trained model's dashboard and chat. Both serve the dashboard at / and the chat at /chat."""
     import ssl
@@ -338,6 +355,7 @@ def serve(role: str, checkpoint: str | None, state_dir: str | None, host: str, p
     from .serving import ModelHost
 
     _logging()
+    _use_threads(threads)
     context = None
     if tls_cert:
         if not tls_key:
@@ -414,8 +432,9 @@ def _model_state(path: str) -> tuple:
 @click.option("--max-rounds", type=int, default=0, help="leave cleanly after N rounds (0: never)")
 @click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True),
               help="trust this certificate for wss:// (a coordinator's self-signed one)")
+@THREADS
 def join(url: str, key: str | None, key_file, name: str | None, device: str, max_rounds: int,
-         tls_ca: str | None) -> None:
+         tls_ca: str | None, threads: int | None) -> None:
     """Join a hive: train the coordinator's model with this machine."""
     import asyncio
     import platform
@@ -423,6 +442,7 @@ def join(url: str, key: str | None, key_file, name: str | None, device: str, max
     from .hive.peer import Peer, PeerOptions
 
     _logging()
+    _use_threads(threads)
     if key_file:
         key = key_file.read().strip()
     if not key:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 
 import torch
 
@@ -19,6 +20,17 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
     return device
+
+
+def describe(device: torch.device) -> str:
+    """For logs, the status and the hive's list of peers: a GPU by its name, the CPU with the
+    threads torch gives it (``--threads``), which is what a CPU's throughput depends on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        n = torch.get_num_threads()
+        return f"cpu ({platform.processor() or platform.machine()}, {n} thread{'s' if n > 1 else ''})"
+    return device.type
 
 
 def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:

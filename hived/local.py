@@ -15,6 +15,7 @@ from typing import Any, TextIO
 from . import checkpoint
 from .config import ConfigError, ModelConfig, RunConfig, resolve
 from .data import prepare
+from .device import describe
 from .events import Events, Listener
 from .metrics import MetricsLog
 from .progress import Progress
@@ -89,7 +90,7 @@ def train(run: RunConfig, state: dict | None = None, stream: TextIO | None = Non
         say("warning: the data differs from the run's original corpus; training continues on the new data")
     say(f"hived: preset {cfg.preset}, {trainer.model.num_params():,} parameters, {tok.kind} tokenizer "
         f"(vocab {tok.vocab_size}), {len(trainer.data.train):,} train / {len(trainer.data.val):,} val tokens, "
-        f"{trainer.device.type} {str(trainer.dtype).removeprefix('torch.')}; run folder {out}")
+        f"{describe(trainer.device)}, {str(trainer.dtype).removeprefix('torch.')}; run folder {out}")
     if state:
         say(f"resuming at step {trainer.step} of {cfg.steps}")
     events.emit("start", step=trainer.step, steps=cfg.steps, params=trainer.model.num_params(),

@@ -55,7 +55,9 @@ def test_presets_print_the_models_true_parameter_counts(env, corpus):
 
 def test_train_then_generate(env, corpus, tmp_path):
     run = tmp_path / "run"
-    proc = hived("train", "--data", str(corpus), "--steps", "10", "--out", str(run), *FAST, env=env)
+    proc = hived("train", "--data", str(corpus), "--steps", "10", "--out", str(run), "--device", "cpu", "--threads", "1",
+                 *FAST, env=env)
+    assert ", 1 thread), float32" in proc.stderr  # --threads, as the run reports it
     assert {"best.pt", "final.pt", "latest.pt", "tokenizer.json", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
     assert re.search(r"step 10/10 \| loss \d\.\d+ \| lr .* \| [\d.]+k tok/s \| ETA", proc.stderr)
     assert "val loss" in proc.stderr and "sample at step 5" in proc.stderr

@@ -19,6 +19,7 @@ import pytest
 
 from hived import checkpoint
 from hived.config import resolve
+from hived.device import describe, pick_device
 from hived.hive.coordinator import Coordinator, HiveConfig
 
 from conftest import free_port, hived
@@ -93,8 +94,13 @@ def hive_factory(tmp_path, env, corpus):
 
 
 def test_two_peers_train_one_model_and_validation_loss_falls(hive_factory):
-    hive = hive_factory("--inner-steps", "10", "--min-peers", "2", "--rounds", "5")
-    peers = [hive.join("--max-rounds", "5", name=f"p{i}") for i in (1, 2)]
+    hive = hive_factory("--inner-steps", "10", "--min-peers", "2", "--rounds", "5", "--device", "cpu", "--threads", "1")
+    peers = [hive.join("--max-rounds", "5", "--device", "cpu", "--threads", "1", name="p1"),
+             hive.join("--max-rounds", "5", name="p2")]
+    joined = hive.wait(lambda s: len(s["peers"]) == 2)
+    devices = {p["name"]: p["device"] for p in joined["peers"]}
+    assert joined["device"].endswith(", 1 thread)") and devices["p1"].endswith(", 1 thread)")  # --threads
+    assert devices["p2"] == describe(pick_device())  # by default, every core
     status = hive.wait(lambda s: s["round"] >= 5 and len(s["history"]) >= 5)
     history = status["history"]
     assert all(r["accepted"] == 2 for r in history)  # both peers' updates, every round

@@ -33,6 +33,7 @@ from aiohttp import WSMsgType, web
 
 from .. import checkpoint
 from ..config import ConfigError, RunConfig, TrainConfig
+from ..device import describe
 from ..events import Events
 from ..local import build_trainer
 from ..protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Ack, Bye, Go, Hello, ProtocolError, Ready, Refused, Training,
@@ -656,7 +657,8 @@ class Coordinator:
         last = self.history[-1] if self.history else {}
         now = time.time()
         return {
-            "role": "coordinator", "mode": self.hive.mode, "compression": self.hive.compression,
+            "role": "coordinator", "device": describe(self.trainer.device), "mode": self.hive.mode,
+            "compression": self.hive.compression,
             "round": self.round, "tokens": self.tokens, "parameters": self.model.num_params(),
             "train_loss": last.get("train_loss"), "val_loss": last.get("val_loss"),
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "late_reports": self.late, "rejected_updates": self.rejected,

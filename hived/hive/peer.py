@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import platform
 import random
 import ssl
 import time
@@ -24,7 +23,7 @@ import torch
 
 from ..config import ModelConfig, TrainConfig, build
 from ..data import Windows
-from ..device import pick_device
+from ..device import describe, pick_device
 from ..protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Ack, Bye, ErrorFeedback, Go, Hello, ProtocolError, Ready,
                         Refused, Training, Update, Weights, Welcome, Work, decode, encode, packed_ahead, tensor_frames,
                         unpack)
@@ -47,12 +46,6 @@ class PeerOptions:
     max_rounds: int = 0  # 0: until stopped
     max_backoff: float = 60.0
     ca_file: str | None = None  # trust this certificate (a self-signed coordinator's)
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.processor() or platform.machine()})"
 
 
 class Peer:
@@ -142,7 +135,7 @@ class Peer:
         """One connection; True when the peer is done (max rounds reached)."""
         loop = asyncio.get_running_loop()
         await ws.send_bytes(encode(Hello(PROTOCOL_VERSION, self.opts.key, self.opts.name,
-                                         device_description(self.device))))
+                                         describe(self.device))))
         pending: tuple[Update, dict[str, torch.Tensor]] | None = None  # waiting for the coordinator's Go
         async for msg in ws:
             if msg.type != aiohttp.WSMsgType.BINARY:
