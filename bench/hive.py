@@ -8,8 +8,10 @@ the outer step and anything else the coordinator does between two rounds (start 
 It also reports the CPU time a round takes in the coordinator and in the peers together (all
 threads, from /proc, after the warmup): where the processes share fewer cores than they could
 use, the overhead follows the CPU that packing, sending, decoding and summing cost, not the bytes.
+--threads N gives each process N torch threads (`hived serve/join --threads`), as a machine shared
+by several hived processes should; bench/sharing.py measures what that does to training.
 
-    python bench/hive.py [--rounds 12] [--compressions fp32 fp16 bf16 int8]
+    python bench/hive.py [--rounds 12] [--compressions fp32 fp16 bf16 int8] [--threads 1]
     python bench/hive.py --convergence ../shared/data/tinyshakespeare.txt --rounds 10
     python bench/hive.py --convergence ../shared/data/tinyshakespeare.txt --rounds 50 --inner-steps 10 \
         --outer-lr 1.0 --outer-momentum 0
@@ -82,10 +84,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_hive(serve_args: list[str], rounds: int, peers: int, timeout: float = 1800, warmup: int = 0) -> dict:
-    """A coordinator and ``peers`` peers until ``rounds`` rounds are done; the final status, with
-    ``cpu_ms``: the CPU milliseconds a round of the coordinator and of all peers together, from
-    the end of round ``warmup`` (or soon after) to the end (NaN if no round ended in between)."""
+def run_hive(serve_args: list[str], rounds: int, peers: int, timeout: float = 1800, warmup: int = 0,
+             threads: int | None = None) -> dict:
+    """A coordinator and ``peers`` peers (each with ``threads`` torch threads; None: every core)
+    until ``rounds`` rounds are done; the final status, with ``cpu_ms``: the CPU milliseconds a
+    round of the coordinator and of all peers together, from the end of round ``warmup`` (or soon
+    after) to the end (NaN if no round ended in between)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         key = KeyStore(tmp / "state").add("bench")
@@ -93,16 +97,17 @@ def run_hive(serve_args: list[str], rounds: int, peers: int, timeout: float = 18
         port = free_port()
         env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache")}
         cfg = [a.replace("{run.toml}", str(tmp / "run.toml")) for a in serve_args]
+        share = ["--threads", str(threads)] if threads else []
         procs = [subprocess.Popen([*CLI, "serve", "--state-dir", str(tmp / "state"), "--port", str(port),
                                    "--min-peers", str(peers), "--rounds", str(rounds), "--checkpoint-interval",
-                                   "100000", *cfg], env=env, stderr=subprocess.DEVNULL)]
+                                   "100000", *share, *cfg], env=env, stderr=subprocess.DEVNULL)]
         try:
             while status(port) is None:
                 if procs[0].poll() is not None:
                     raise RuntimeError("the coordinator did not start")
                 time.sleep(0.2)
             procs += [subprocess.Popen([*CLI, "join", f"ws://127.0.0.1:{port}", "--key", key, "--name", f"p{i}",
-                                        "--max-rounds", str(rounds)], env=env, stderr=subprocess.DEVNULL)
+                                        "--max-rounds", str(rounds), *share], env=env, stderr=subprocess.DEVNULL)
                       for i in range(peers)]
             deadline = time.time() + timeout
             start = None  # (rounds done, CPU seconds of each process) once the warmup is over
@@ -123,9 +128,9 @@ def run_hive(serve_args: list[str], rounds: int, peers: int, timeout: float = 18
     return s
 
 
-def measure(compression: str, rounds: int, warmup: int, peers: int) -> dict:
+def measure(compression: str, rounds: int, warmup: int, peers: int, threads: int | None) -> dict:
     s = run_hive(["--config", "{run.toml}", "--compression", compression, "--inner-steps", "1", "--batch-size", "1",
-                  "--eval-tokens", "256"], rounds + warmup, peers, timeout=600, warmup=warmup)
+                  "--eval-tokens", "256"], rounds + warmup, peers, timeout=600, warmup=warmup, threads=threads)
     hist = s["history"][warmup:]
     med = lambda key: statistics.median(r[key] for r in hist)  # noqa: E731
     # start to start: the round itself, less the slowest peer's training, plus the gap before the
@@ -420,6 +425,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peers", type=int, default=2)
     p.add_argument("--compressions", nargs="+", default=["fp32", "fp16", "bf16", "int8"])
+    p.add_argument("--threads", type=int, help="each process's --threads (default: every core)")
     p.add_argument("--convergence", metavar="CORPUS", help="compare a 2-peer diloco run with a single process")
     p.add_argument("--sync-rounds", type=int, default=30)
     p.add_argument("--inner-steps", type=int, default=50)
@@ -438,10 +444,11 @@ def main() -> None:
     if args.convergence:
         return convergence(args.convergence, args.rounds, args.sync_rounds, args.inner_steps, args.outer_lr,
                            args.outer_momentum)
-    rows = [measure(c, args.rounds, args.warmup, args.peers) for c in args.compressions]
+    rows = [measure(c, args.rounds, args.warmup, args.peers, args.threads) for c in args.compressions]
     raw = rows[0]["parameters"] * 4
     print(f"{rows[0]['parameters']:,} parameters, {args.peers} peers, medians over {args.rounds} rounds; "
-          f"raw fp32 = {raw / 1e6:.1f} MB per direction per peer")
+          f"raw fp32 = {raw / 1e6:.1f} MB per direction per peer; torch threads per process: "
+          f"{args.threads or 'every core'}")
     print("compression  round s  peer compute s  overhead s  (broadcast  aggregate  apply  between)  "
           "up MB/peer  down MB/peer  up vs fp32  both vs fp32  CPU ms/round (coordinator  peers)")
     for r in rows:
