@@ -16,11 +16,14 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from hived import checkpoint
 from hived.config import resolve
 from hived.device import describe, pick_device
-from hived.hive.coordinator import Coordinator, HiveConfig
+from hived.hive.aggregation import WeightedMean
+from hived.hive.coordinator import Coordinator, HiveConfig, add_routes
+from hived.hive.keys import KeyStore
 
 from conftest import free_port, hived
 
@@ -328,3 +331,56 @@ def test_shutdown_waits_for_the_background_job_even_when_its_waiter_was_cancelle
 
     asyncio.run(shutdown())
     assert finished.is_set()
+
+
+@pytest.mark.parametrize("call", ["add", "result"])
+def test_a_failure_while_summing_drops_that_round_and_the_rounds_go_on(tmp_path, corpus, env, monkeypatch, caplog,
+                                                                       call):
+    """An aggregator call that raises (out of memory, say) leaves a round's sum unknown: the round
+    must not be applied, the rounds must not stop, the peer's connection is not at fault, and
+    that round is tried again. The coordinator runs in this process, so its first call of
+    ``call`` can be made to fail; the peer is a real `hived join`."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    key = KeyStore(tmp_path / "state").add("alice")
+    run = resolve({"preset": "1m", "data": [str(corpus)], "batch_size": 4, "eval_tokens": 4096})
+    coordinator = Coordinator(run, HiveConfig(inner_steps=2, rounds=2), tmp_path / "state")
+    real, calls = getattr(WeightedMean, call), []
+
+    def failing_once(self, *args):
+        calls.append(call)
+        if len(calls) == 1:
+            raise MemoryError("out of memory (injected)")
+        return real(self, *args)
+
+    monkeypatch.setattr(WeightedMean, call, failing_once)
+    connections: set[str] = set()
+
+    async def hive() -> None:
+        app = web.Application()
+        add_routes(app, coordinator)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        peer = subprocess.Popen([sys.executable, "-m", "hived.cli", "join", f"ws://127.0.0.1:{port}", "--key", key,
+                                 "--name", "p"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 120
+            while len(coordinator.history) < 2:
+                assert time.time() < deadline, "the rounds stopped"
+                connections.update(coordinator.peers)
+                await asyncio.sleep(0.05)
+        finally:
+            peer.kill()
+            peer.wait()
+            await runner.cleanup()
+
+    with caplog.at_level("ERROR", logger="hived.coordinator"):
+        asyncio.run(hive())
+    assert "round 1: summing the updates failed; the round will be tried again" in caplog.text
+    assert len(connections) == 1  # the peer stayed connected throughout
+    assert [r["round"] for r in coordinator.history] == [1, 2]
+    # the peer sent three updates, the first round's twice: only the two applied ones count
+    block = coordinator.trainer.model_cfg.block_size
+    assert coordinator.ledger["p"] == {"rounds": 2, "tokens": 2 * 2 * 4 * block}
+    assert coordinator.tokens == 2 * 2 * 4 * block

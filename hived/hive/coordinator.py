@@ -137,6 +137,7 @@ class Round:
     closed: float = 0.0
     between: float = 0.0  # seconds from the previous round's close to this one's start
     tokens_after: int = 0  # the hive's tokens once this round is applied
+    failed: bool = False  # an aggregator call raised: the sum is unknown, and the round is not applied
 
     @property
     def accepted(self) -> int:
@@ -289,10 +290,9 @@ class Coordinator:
                 await self.changed.wait()
                 continue
             rnd = await self._run_round(ready)
-            # Queued after every add and commit made while the round was open
-            update = await asyncio.get_running_loop().run_in_executor(self.aggregating, rnd.agg.result)
+            update = await self._aggregate(rnd, rnd.agg.result)  # after every add and commit of the round
             if update is None:
-                continue  # nothing usable arrived (or nothing worth any tokens): the same round is tried again
+                continue  # nothing usable arrived (or nothing worth any tokens, or summing failed): tried again
             await self.evaluated()  # the previous round's job reads the weights: done before they change
             self._apply(rnd, update)
             due = self.round % self.run.train.checkpoint_interval == 0
@@ -555,13 +555,23 @@ class Coordinator:
                  if _shape(d) == self.guard.shapes.get(name)]
         return m, known, squared_norm(t for _, t, _ in known)
 
-    def _aggregate(self, rnd: Round, call: Callable[..., None], *args: Any) -> asyncio.Future:
+    def _aggregate(self, rnd: Round, call: Callable[..., Any], *args: Any) -> asyncio.Future:
         """Run one of ``rnd``'s aggregator calls on the aggregation thread, after every call queued
-        before it, so the event loop never does work the size of the model."""
-        def timed() -> None:
+        before it, so the event loop never does work the size of the model. A call that raises
+        (out of memory, say) leaves the sum unknown: the round is marked failed, its later calls
+        are skipped, and its result is None, so it is tried again; the callers go on as before."""
+        def timed() -> Any:
+            if rnd.failed:
+                return None
             t0 = time.perf_counter()
-            call(*args)
-            rnd.aggregate += time.perf_counter() - t0
+            try:
+                return call(*args)
+            except Exception:
+                rnd.failed = True
+                log.exception("round %d: summing the updates failed; the round will be tried again", rnd.number + 1)
+                return None
+            finally:
+                rnd.aggregate += time.perf_counter() - t0
         return asyncio.get_running_loop().run_in_executor(self.aggregating, timed)
 
     async def _receive(self, peer: Peer, m: Update, known: list[tuple[str, torch.Tensor, Any]], squared: float,
