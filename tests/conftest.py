@@ -38,6 +38,7 @@ def env(tmp_path: Path) -> dict[str, str]:
     e = dict(os.environ)
     e["XDG_CACHE_HOME"] = str(tmp_path / "cache")
     e["PYTHONUNBUFFERED"] = "1"
+    e.pop("HIVED_THREADS", None)  # every core unless a test passes --threads
     return e
 
 
