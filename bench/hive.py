@@ -10,6 +10,10 @@ threads, from /proc, after the warmup): where the processes share fewer cores th
 use, the overhead follows the CPU that packing, sending, decoding and summing cost, not the bytes.
 --threads N gives each process N torch threads (`hived serve/join --threads`), as a machine shared
 by several hived processes should; bench/sharing.py measures what that does to training.
+The issue's anchor is measured in the same run: torch.distributed's gloo all-reduce of as many
+values between two processes on 127.0.0.1, and each overhead is also given as a multiple of it,
+since these machines differ from session to session (the target, 0.08 s against the issue's
+0.016 s for gloo, is 5x).
 
     python bench/hive.py [--rounds 12] [--compressions fp32 fp16 bf16 int8] [--threads 1]
     python bench/hive.py --convergence ../shared/data/tinyshakespeare.txt --rounds 10
@@ -46,6 +50,7 @@ import asyncio
 import json
 import math
 import os
+import platform
 import socket
 import statistics
 import subprocess
@@ -82,6 +87,44 @@ def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process, all its threads (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_model() -> str:
+    """The processor: figures from different sessions may come from different machines."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def _all_reduce(rank: int, port: int, numel: int, dtype: str, rounds: int, threads: int | None, out) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    if threads:
+        torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    t = torch.randn(numel).to(getattr(torch, dtype))
+    times = []
+    for _ in range(rounds + 3):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(t)
+        times.append(time.perf_counter() - t0)
+    if rank == 0:
+        out.put(statistics.median(times[3:]))
+    dist.destroy_process_group()
+
+
+def gloo_all_reduce(numel: int, dtype: str, rounds: int, threads: int | None) -> float:
+    """The issue's anchor on this machine: median seconds of torch.distributed's gloo all-reduce of
+    ``numel`` values of ``dtype`` between two processes on 127.0.0.1."""
+    import torch.multiprocessing as mp
+
+    out = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_all_reduce, args=(free_port(), numel, dtype, rounds, threads, out), nprocs=2, join=True)
+    return out.get()
 
 
 def run_hive(serve_args: list[str], rounds: int, peers: int, timeout: float = 1800, warmup: int = 0,
@@ -445,15 +488,21 @@ def main() -> None:
         return convergence(args.convergence, args.rounds, args.sync_rounds, args.inner_steps, args.outer_lr,
                            args.outer_momentum)
     rows = [measure(c, args.rounds, args.warmup, args.peers, args.threads) for c in args.compressions]
-    raw = rows[0]["parameters"] * 4
-    print(f"{rows[0]['parameters']:,} parameters, {args.peers} peers, medians over {args.rounds} rounds; "
+    numel = rows[0]["parameters"]
+    gloo = {dtype: gloo_all_reduce(numel, dtype, args.rounds, args.threads) for dtype in ("float32", "float16")}
+    raw = numel * 4
+    print(f"{cpu_model()}, {os.cpu_count()} cores")
+    print(f"{numel:,} parameters, {args.peers} peers, medians over {args.rounds} rounds; "
           f"raw fp32 = {raw / 1e6:.1f} MB per direction per peer; torch threads per process: "
           f"{args.threads or 'every core'}")
-    print("compression  round s  peer compute s  overhead s  (broadcast  aggregate  apply  between)  "
+    print(f"anchor: gloo all-reduce of {numel:,} values, 2 processes: {gloo['float32']:.4f} s in fp32, "
+          f"{gloo['float16']:.4f} s in fp16 (the issue's: 0.016 s; its target, 0.08 s, is 5x that)")
+    print("compression  round s  peer compute s  overhead s  x gloo  (broadcast  aggregate  apply  between)  "
           "up MB/peer  down MB/peer  up vs fp32  both vs fp32  CPU ms/round (coordinator  peers)")
     for r in rows:
         up, down = r["up_bytes_per_peer"], r["down_bytes_per_peer"]
         print(f"{r['compression']:11s}  {r['round_s']:7.3f}  {r['peer_compute_s']:14.3f}  {r['overhead_s']:10.3f}  "
+              f"{r['overhead_s'] / gloo['float32']:5.1f}x  "
               f"({r['broadcast_s']:9.3f}  {r['aggregate_s']:9.3f}  {r['apply_s']:5.3f}  {r['between_s']:7.3f})  {up / 1e6:10.2f}  "
               f"{down / 1e6:12.2f}  {raw / up:9.2f}x  {2 * raw / (up + down):11.2f}x  "
               f"{r['cpu_ms']['coordinator']:25.0f}  {r['cpu_ms']['peers']:5.0f}")
