@@ -303,8 +303,10 @@ class ErrorFeedback:
 
     def pack(self, name: str, t: torch.Tensor) -> dict:
         t = t.detach().float().cpu()
-        if self.compression == "fp32":
-            return pack(t, "fp32")
+        if self.compression == "fp32" or not math.isfinite(float(t.sum())):
+            # A NaN or Inf (the sum of any tensor holding one is one) is sent as it is, for the
+            # receiver to reject, and never folded into the residual: it would stay there.
+            return pack(t, self.compression)
         # The residual becomes the target in place, then what the receiver will decode is taken
         # off it in place: no temporaries the size of the tensor.
         target = self.residual[name].add_(t) if name in self.residual else t.clone()

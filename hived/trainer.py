@@ -99,10 +99,17 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         return total / cfg.grad_accum
 
-    def gradients(self) -> tuple[dict[str, torch.Tensor], float]:
-        """One step's gradients without applying them (the hive's sync mode averages them)."""
+    def gradients(self) -> tuple[dict[str, torch.Tensor] | None, float]:
+        """One step's gradients without applying them (the hive's sync mode averages them), or
+        None where the loss or a gradient is not finite: that step is skipped, as ``train_step``
+        skips it, so one bad batch (or an fp16 loss scale that overflowed) harms nothing."""
         loss = self._backward().item()
-        grads = {name: p.grad.detach().clone() for name, p in self.model.named_parameters()}
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), math.inf).item()
+        grads = None
+        if math.isfinite(loss) and math.isfinite(norm):
+            grads = {name: p.grad.detach().clone() for name, p in self.model.named_parameters()}
+        else:
+            self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.update()
         self.tokens_seen += self.tokens_per_step

@@ -140,12 +140,12 @@ def test_weighted_mean_sums_parts_and_takes_back_what_is_not_committed():
     agg.commit("a")
     agg.commit("b")
     agg.discard("rejected")
-    agg.commit("clipped", 0.25)  # counts as 0.25 x 2 tokens of the update, scaled to a quarter
+    agg.commit("clipped", 0.25)  # its full weight (2), its values scaled to a quarter
     agg.commit("unknown")  # nothing was added under it: nothing happens
-    assert agg.count == 3 and agg.total == 4.5
+    assert agg.count == 3 and agg.total == 6
     result = agg.result()
-    assert torch.allclose(result["w"], torch.tensor([(1 + 12 + 0.25 * 2 * 40) / 4.5] * 2))
-    assert torch.allclose(result["v"], torch.tensor([(2 + 18 + 0.25 * 2 * 40) / 4.5]))
+    assert torch.allclose(result["w"], torch.tensor([(1 + 12 + 0.25 * 2 * 40) / 6] * 2))
+    assert torch.allclose(result["v"], torch.tensor([(2 + 18 + 0.25 * 2 * 40) / 6]))
     agg.add("late", part(w=[1e4, 1e4]), 1)  # after the result: ignored
     agg.commit("late")
     assert agg.count == 3 and torch.allclose(agg.sum["w"], result["w"])
@@ -182,3 +182,33 @@ def test_keys_are_stored_hashed_and_revocable(tmp_path):
         store.add("bad name!")
     store.revoke("alice")
     assert store.verify(key) is None and store.names() == {}
+
+
+def test_a_clipped_update_counts_with_its_full_weight_and_its_scaled_values():
+    """Clip, then average: an update of norm 20 clipped by 0.1 beside a normal one of norm 2 in
+    the same direction gives the normal one back (the bug gave 1.82x it)."""
+    normal = torch.tensor([1.2, 1.6])  # norm 2
+    agg = WeightedMean()
+    agg.add("honest", [("w", normal, normal)], 1.0)
+    agg.add("loud", [("w", normal * 10, normal * 10)], 1.0)
+    agg.commit("honest")
+    agg.commit("loud", 0.1)
+    assert torch.allclose(agg.result()["w"], normal)
+    alone = WeightedMean()  # one accepted update a round (--min-peers 1): the clip must hold
+    alone.add("loud", [("w", normal * 10, normal * 10)], 1.0)
+    alone.commit("loud", 0.1)
+    assert torch.allclose(alone.result()["w"], normal)
+
+
+@pytest.mark.parametrize("compression", ["fp16", "int8"])
+def test_a_non_finite_update_leaves_error_feedback_as_it_was(compression):
+    """One Inf must not poison what the sender remembers: the clean updates after it decode to
+    finite values (else every later update is rejected and an honest peer is struck out)."""
+    fb = ErrorFeedback(compression)
+    clean = [torch.randn(1000) for _ in range(3)]
+    fb.pack("w", clean[0])
+    before = fb.residual["w"].clone()
+    fb.pack("w", torch.full((1000,), float("inf")))
+    assert torch.equal(fb.residual["w"], before)
+    for u in clean[1:]:
+        assert torch.isfinite(unpack(fb.pack("w", u))).all()

@@ -88,3 +88,19 @@ def test_compiled_model_trains_like_the_eager_one():
     for _ in range(2):
         a, b = eager.train_step(), compiled.train_step()
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4)
+
+
+def test_a_non_finite_gradient_step_is_skipped_in_sync_mode():
+    """gradients() (the hive's sync mode) skips a step whose loss or gradient is not finite, as
+    train_step does, instead of handing NaN to the peer's error feedback."""
+    trainer = make_trainer()
+    weight = trainer.model.lm_head.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0] = float("inf")
+    grads, loss = trainer.gradients()
+    assert grads is None and trainer.skipped_steps == 1
+    with torch.no_grad():
+        weight.copy_(saved)
+    grads, loss = trainer.gradients()
+    assert grads is not None and math.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())

@@ -32,8 +32,8 @@ class WeightedMean:
     """Mean of updates weighted by the tokens behind each (a peer that did more counts more).
 
     An update is summed part by part as it arrives (``add``, under its sender's key, with the
-    weight given with its first part) and counts once it is ``commit``ted, scaled if it was
-    clipped; ``discard`` takes it back out (rejected), and ``result`` discards whatever was never
+    weight given with its first part) and counts once it is ``commit``ted, its values scaled if
+    it was clipped but with its full weight (clip first, then average); ``discard`` takes it back out (rejected), and ``result`` discards whatever was never
     committed (a sender that left mid-upload) and hands over the sum, divided in place. A part
     comes as (name, tensor, kept) triples: the tensor (any float precision) is added now, and
     ``kept`` is what is held to take it back out, read with ``expand``: a caller passes it
@@ -70,7 +70,7 @@ class WeightedMean:
         weight, kept = self.pending.pop(key)
         if scale != 1.0:
             self._take(kept, (1.0 - scale) * weight)
-        self.total += scale * weight
+        self.total += weight  # clip, then average: a clipped update keeps its full weight
         self.count += 1
 
     def discard(self, key: Hashable) -> None:

@@ -122,13 +122,19 @@ class Peer:
         else:
             delta, loss = trainer.gradients()
         seconds = time.perf_counter() - t0
+        tokens = work.count * trainer.model_cfg.block_size
+        if delta is None:  # a skipped step: an update that weighs nothing, so the round goes on
+            log.warning("round %d: the gradient was not finite; reporting no tokens", work.round + 1)
+            delta, tokens = {k: torch.zeros_like(p) for k, p in params.items()}, 0
         log.info("round %d: loss %.4f, %.2f s of training", work.round + 1, loss, seconds)
-        return Update(work.round, 0, 0, work.count * trainer.model_cfg.block_size, loss, seconds), delta
+        return Update(work.round, 0, 0, tokens, loss, seconds), delta
 
     async def upload(self, ws: aiohttp.ClientWebSocketResponse, header: Update, delta: dict[str, torch.Tensor]) -> None:
         """Pack (with error feedback) and send the update a part at a time, packing off the event
         loop so parts are on the wire while the next ones are packed."""
-        async for frame in packed_ahead(tensor_frames(header, delta, self.feedback.compression, self.feedback.pack)):
+        # An update with no tokens behind it (a skipped step) weighs nothing: the residual stays.
+        pack_one = self.feedback.pack if header.tokens else None
+        async for frame in packed_ahead(tensor_frames(header, delta, self.feedback.compression, pack_one)):
             await ws.send_bytes(frame)
 
     async def session(self, ws: aiohttp.ClientWebSocketResponse) -> bool:
