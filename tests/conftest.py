@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,42 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def serving(coordinator) -> AsyncIterator[str]:
+    """A coordinator made in this process, serving its peers' WebSocket on a free loopback
+    port (its URL is yielded), so a test can read its state directly while real `hived join`
+    processes train with it."""
+    from aiohttp import web
+
+    from hived.hive.coordinator import add_routes
+
+    app = web.Application()
+    add_routes(app, coordinator)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"ws://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def join(url: str, key: str, name: str, env: dict[str, str], *args: str, log: Path | None = None) -> subprocess.Popen:
+    """A real `hived join` process."""
+    return subprocess.Popen([sys.executable, "-m", "hived.cli", "join", url, "--key", key, "--name", name, *args],
+                            env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(log, "a") if log else subprocess.DEVNULL)
+
+
+async def until(cond, timeout: float, what: str) -> None:
+    """Poll ``cond`` on the event loop (so an in-process coordinator keeps running) until it holds."""
+    import asyncio
+    import time
+
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, f"timed out after {timeout} s waiting for {what}"
+        await asyncio.sleep(0.05)

@@ -400,6 +400,8 @@ class Coordinator:
                 group["lr"] = lr_at(self.schedule, self.round)
         for name, p in self.params.items():
             p.grad = update[name].to(p.device, p.dtype)
+        if self.hive.mode == "sync" and self.run.train.grad_clip:  # as `hived train` clips one large batch
+            torch.nn.utils.clip_grad_norm_(self.params.values(), self.run.train.grad_clip)
         self.outer.step()
         self.outer.zero_grad(set_to_none=True)
         self.round += 1
@@ -612,7 +614,9 @@ class Coordinator:
         if up.rnd is not None and up.summing:
             if (up.rnd is rnd and len(part) == len(shapes)
                     and self.guard.admissible(math.sqrt(up.squared_norm), rnd.model_norm)):
-                up.adding = self._aggregate(rnd, rnd.agg.add, peer.id, part, up.tokens)
+                # Weighted by the share of its work it did: 1.0 for a whole round's, so one peer's
+                # update passes through the mean exactly, and equal peers' by powers of two.
+                up.adding = self._aggregate(rnd, rnd.agg.add, peer.id, part, up.tokens / rnd.assigned[peer.id])
             else:  # it can no longer be accepted (or its round closed): what was added comes out
                 up.summing = False
                 self._aggregate(up.rnd, up.rnd.agg.discard, peer.id)
