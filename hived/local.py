@@ -13,15 +13,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import checkpoint
-from .config import ConfigError, ModelConfig, RunConfig, resolve
-from .data import prepare
+from .config import ConfigError, RunConfig, resolve
 from .device import describe
 from .events import Events, Listener
 from .metrics import MetricsLog
 from .progress import Progress
-from .tokenizer import from_json
 from .tokenizer import save as save_tokenizer
-from .trainer import Trainer
+from .trainer import Trainer, build_trainer
 
 MAX_BAD_STEPS = 20  # consecutive non-finite steps before a run is declared diverged
 
@@ -45,18 +43,6 @@ def resolve_run(flags: dict[str, Any], config_file: str | None = None) -> tuple[
     return resolve(flags, config_file, resumed=state), state
 
 
-def build_trainer(run: RunConfig, state: dict | None = None, events: Events | None = None) -> tuple[Trainer, str]:
-    """Data, tokenizer and model for a run, restored from ``state`` when resuming."""
-    tok = from_json(state["tokenizer"]) if state else None
-    model_values = state["model_config"] if state else run.model
-    tok, data, data_key = prepare(run.train, model_values["block_size"], tok)
-    model_cfg = ModelConfig(**{**model_values, "vocab_size": tok.vocab_size})
-    trainer = Trainer(model_cfg, run.train, data, tok, events)
-    if state:
-        trainer.load_state_dict(state)
-    return trainer, data_key
-
-
 def train(run: RunConfig, state: dict | None = None, stream: TextIO | None = None,
           listeners: tuple[Listener, ...] = (), stop: threading.Event | None = None) -> Trainer:
     """Run to ``steps``, or until ``stop`` is set: then latest.pt is saved at a step boundary
@@ -66,6 +52,8 @@ def train(run: RunConfig, state: dict | None = None, stream: TextIO | None = Non
     out = Path(cfg.out)
     events = Events()
     trainer, data_key = build_trainer(run, state, events)
+    if state:
+        trainer.load_state_dict(state)
     tok = trainer.tokenizer
     out.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tok, out / "tokenizer.json")

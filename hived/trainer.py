@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig, TrainConfig
-from .data import TokenData
+from .config import ModelConfig, RunConfig, TrainConfig
+from .data import TokenData, prepare
 from .device import autocast, pick_device, pick_dtype
 from .events import Events
 from .generate import SamplingParams, generate
 from .model import GPT
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, from_json
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -198,3 +198,15 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+
+def build_trainer(run: RunConfig, saved: dict | None = None, events: Events | None = None) -> tuple[Trainer, str]:
+    """Data, tokenizer and model for a run; also returns the data's cache key. ``saved`` (a run's
+    checkpoint or a coordinator's state) keeps its tokenizer and model shape, whatever the
+    corpus is now: the tokens must mean what they meant when the weights were trained. Its
+    other state is the caller's to load."""
+    tok = from_json(saved["tokenizer"]) if saved else None
+    model_values = saved["model_config"] if saved else run.model
+    tok, data, data_key = prepare(run.train, model_values["block_size"], tok)
+    model_cfg = ModelConfig(**{**model_values, "vocab_size": tok.vocab_size})
+    return Trainer(model_cfg, run.train, data, tok, events), data_key

@@ -35,10 +35,9 @@ from .. import checkpoint
 from ..config import ConfigError, RunConfig, TrainConfig
 from ..device import describe
 from ..events import Events
-from ..local import build_trainer
 from ..protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Ack, Bye, Go, Hello, ProtocolError, Ready, Refused, Training,
                         Update, Weights, Welcome, Work, clean_text, decode, encode, packed_ahead, tensor_frames, unpack)
-from ..trainer import fused, lr_at, make_optimizer
+from ..trainer import build_trainer, fused, lr_at, make_optimizer
 from .aggregation import UpdateGuard, WeightedMean, model_norm, squared_norm
 from .keys import KeyStore
 
@@ -172,7 +171,7 @@ class Coordinator:
         self.keys = KeyStore(self.state_dir)
         self.limiter = FailedAttempts()
         state = self._load_state()
-        self.trainer, self.data_key = build_trainer(run, None, self.events)
+        self.trainer, self.data_key = build_trainer(run, state, self.events)
         self.model = self.trainer.model
         self.params = dict(self.model.named_parameters())
         self.max_update_bytes = 2 * 4 * self.model.num_params() + (1 << 20)
@@ -209,15 +208,22 @@ class Coordinator:
     # ----------------------------------------------------------------- durability
 
     def _load_state(self) -> dict | None:
+        """The saved state, if any, after checking that it is this hive: the same mode and model.
+        Its tokenizer is kept whatever the corpus is now (``build_trainer``)."""
         path = self.state_dir / STATE_FILE
         if not path.exists():
             return None
         state = checkpoint.load(path)
-        saved = state["model_config"]
-        if any(saved.get(k) != v for k, v in self.run.model.items()):
-            raise checkpoint.CheckpointError(
-                f"{path} holds a hive with another model ({saved}); use another --state-dir or the same preset"
-            )
+        mode = state["hive_config"]["mode"]
+        if mode != self.hive.mode:
+            raise ConfigError(f"{path} holds a {mode} hive; restart it with --mode {mode}, "
+                              "or start a new hive with another --state-dir")
+        saved, preset = state["model_config"], state["train_config"]["preset"]
+        differs = [f"{k} {saved.get(k)} (now {v})" for k, v in self.run.model.items() if saved.get(k) != v]
+        if differs:
+            raise ConfigError(f"{path} holds a hive of preset {preset} whose model differs: {', '.join(differs)}; "
+                              f"restart it with --preset {preset} (and the same [model] table), "
+                              "or start a new hive with another --state-dir")
         return state
 
     def _restore(self, state: dict) -> None:
@@ -228,6 +234,9 @@ class Coordinator:
         self.ledger = state["ledger"]
         self.history = state["history"]
         self.guard.norms.extend(state["norms"])
+        if state["data_key"] != self.data_key:
+            log.warning("the corpus differs from the one this hive started with; its tokenizer is kept, and "
+                        "characters it never saw read as an unknown token")
         log.info("resumed the hive at round %d from %s", self.round, self.state_dir / STATE_FILE)
 
     def _meta(self) -> dict[str, Any]:
