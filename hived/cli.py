@@ -485,7 +485,8 @@ def keys_list(state_dir: str) -> None:
     from .hive.keys import KeyStore
 
     for name, info in KeyStore(state_dir).names().items():
-        click.echo(f"{name}\tcreated {time.strftime('%Y-%m-%d %H:%M', time.localtime(info['created']))}")
+        banned = f"\tbanned: {info['banned']}" if "banned" in info else ""
+        click.echo(f"{name}\tcreated {time.strftime('%Y-%m-%d %H:%M', time.localtime(info['created']))}{banned}")
 
 
 @keys.command("revoke")
@@ -500,6 +501,21 @@ def keys_revoke(name: str, state_dir: str) -> None:
     except KeyStoreError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"revoked {name!r}")
+
+
+@keys.command("unban")
+@click.argument("name")
+@STATE_DIR
+def keys_unban(name: str, state_dir: str) -> None:
+    """Lift the ban a coordinator put on a key after repeated bad updates; it applies at the key's
+    next connection, with no strikes against it."""
+    from .hive.keys import KeyStore, KeyStoreError
+
+    try:
+        KeyStore(state_dir).unban(name)
+    except KeyStoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"unbanned {name!r}")
 
 
 if __name__ == "__main__":

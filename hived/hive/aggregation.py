@@ -101,7 +101,8 @@ class UpdateGuard:
     Rejected: wrong tensor names or shapes, NaN/Inf, or a norm above ``max_ratio`` times the
     model's own norm (no honest update moves every weight by more than the weights themselves;
     this catches a huge update even in the first round, before there is any history). Clipped:
-    a norm above ``clip_factor`` times the median norm of recently accepted updates.
+    a norm above ``clip_factor`` times the median norm of recently accepted updates (a clipped
+    update's norm is not added to them: outliers must not move the limit they are held to).
     """
 
     def __init__(self, shapes: dict[str, torch.Size], max_ratio: float = 1.0, clip_factor: float = 5.0,
@@ -129,8 +130,7 @@ class UpdateGuard:
                                       f"norm {norm:.3g} exceeds {self.max_ratio:g}x the model's norm {model_norm:.3g}")
         if len(self.norms) >= 3:
             limit = self.clip_factor * statistics.median(self.norms)
-            if norm > limit:
-                self.norms.append(limit)
+            if norm > limit:  # left out of the history, so outliers cannot raise the limit
                 return (limit / norm, "clipped",
                         f"norm {norm:.3g} clipped to {limit:.3g} ({self.clip_factor:g}x the median)")
         self.norms.append(norm)

@@ -85,7 +85,6 @@ class Peer:
     last_seen: float = field(default_factory=time.time)
     rounds: int = 0
     tokens: int = 0
-    strikes: int = 0
     tokens_per_sec: float = 0.0
     upload: Upload | None = None  # the update being received, part by part
     sent_at: float = 0.0
@@ -185,7 +184,8 @@ class Coordinator:
         self.round = 0
         self.cursor = 0  # next training window to hand out
         self.tokens = 0
-        self.ledger: dict[str, dict[str, int]] = {}
+        self.ledger: dict[str, dict[str, Any]] = {}  # key name → rounds, tokens, the name last shown
+        self.strikes: dict[str, int] = {}  # key name → bad updates not yet worked off
         self.history: list[dict[str, Any]] = []
         self.late = 0
         self.rejected = 0
@@ -232,6 +232,7 @@ class Coordinator:
         self.round, self.cursor, self.tokens = state["round"], state["cursor"], state["tokens"]
         self.trainer.step = self.round
         self.ledger = state["ledger"]
+        self.strikes = state["strikes"]
         self.history = state["history"]
         self.guard.norms.extend(state["norms"])
         if state["data_key"] != self.data_key:
@@ -244,7 +245,7 @@ class Coordinator:
         round closes, since the ledger changes while the next round runs."""
         return {
             "round": self.round, "cursor": self.cursor, "tokens": self.tokens,
-            "ledger": copy.deepcopy(self.ledger), "norms": list(self.guard.norms),
+            "ledger": copy.deepcopy(self.ledger), "strikes": dict(self.strikes), "norms": list(self.guard.norms),
             "model_config": dataclasses.asdict(self.trainer.model_cfg),
             "train_config": dataclasses.asdict(self.run.train), "hive_config": dataclasses.asdict(self.hive),
             "tokenizer": self.trainer.tokenizer.to_json(), "data_key": self.data_key,
@@ -417,7 +418,8 @@ class Coordinator:
         for peer, _, tokens in rnd.credits:
             peer.rounds += 1
             peer.tokens += tokens
-            entry = self.ledger.setdefault(peer.name, {"rounds": 0, "tokens": 0})
+            entry = self.ledger.setdefault(peer.key_name, {"rounds": 0, "tokens": 0})
+            entry["name"] = peer.name
             entry["rounds"] += 1
             entry["tokens"] += tokens
             self.tokens += tokens
@@ -482,6 +484,16 @@ class Coordinator:
             log.warning("refused a peer from %s: unknown or revoked key", address)
             await self._refuse(ws, "unknown or revoked key; ask the coordinator's operator for a key "
                                    "(`hived keys add NAME`)", final=True)
+            return ws
+        banned = self.keys.banned(key_name)
+        if banned:
+            await self._refuse(ws, f"key {key_name} is banned ({banned}); the coordinator's operator can lift "
+                                   f"the ban with `hived keys unban {key_name}`", final=True)
+            return ws
+        other = next((p for p in self.peers.values() if p.key_name == key_name and not p.ws.closed), None)
+        if other is not None:  # one key, one participant: its weight and its strikes are not multiplied
+            await self._refuse(ws, f"key {key_name} is already connected (from {other.address}); each key joins "
+                                   "once: ask the operator for a key per machine (`hived keys add NAME`)")
             return ws
         peer = Peer(secrets.token_hex(4), clean_text(hello.name) or key_name, key_name,
                     clean_text(hello.device), address, ws)
@@ -646,9 +658,12 @@ class Coordinator:
             return await self._late(peer, m.round)
         await peer.ws.send_bytes(encode(Ack(m.round, status, detail)))
         self.changed.set()
-        if peer.strikes >= self.hive.max_strikes:
-            log.warning("dropping peer %s after %d bad updates", peer.name, peer.strikes)
-            await self._refuse(peer.ws, f"dropped after {peer.strikes} rejected updates", final=True)
+        if self.strikes.get(peer.key_name, 0) >= self.hive.max_strikes:
+            reason = f"{self.strikes.pop(peer.key_name)} bad updates (rejected or clipped)"
+            self.keys.ban(peer.key_name, reason)
+            log.warning("banned key %s (peer %s) after %s", peer.key_name, peer.name, reason)
+            await self._refuse(peer.ws, f"key {peer.key_name} banned after {reason}; the coordinator's operator "
+                                        f"can lift the ban with `hived keys unban {peer.key_name}`", final=True)
 
     def _judge(self, peer: Peer, rnd: Round, up: Upload, m: Update) -> tuple[str, str]:
         """Judge a complete update, then commit it to the round's sum (scaled, if clipped) or take
@@ -661,7 +676,6 @@ class Coordinator:
             self._aggregate(rnd, rnd.agg.discard, peer.id)
             rnd.rejected += 1
             self.rejected += 1
-            peer.strikes += 1
             log.warning("rejected an update from %s: %s", peer.name, detail)
         else:
             self._aggregate(rnd, rnd.agg.commit, peer.id, scale)
@@ -671,6 +685,13 @@ class Coordinator:
             peer.tokens_per_sec = tokens / max(1e-6, time.time() - peer.sent_at)
             if status == "clipped":
                 log.warning("clipped an update from %s: %s", peer.name, detail)
+        # A rejected or clipped update is a strike against the key, and a clean one works one
+        # off: an honest peer's rare outlier is forgiven, a steady stream of them is banned.
+        strikes = self.strikes.get(peer.key_name, 0) + (1 if status != "accepted" else -1)
+        if strikes > 0:
+            self.strikes[peer.key_name] = strikes
+        else:
+            self.strikes.pop(peer.key_name, None)
         rnd.compute = max(rnd.compute, m.seconds if math.isfinite(m.seconds) else 0.0)
         return status, detail
 
@@ -689,7 +710,8 @@ class Coordinator:
             "peers": [{
                 "name": p.name, "device": p.device, "state": p.state, "rounds": p.rounds, "tokens": p.tokens,
                 "tokens_per_sec": round(p.tokens_per_sec, 1), "last_seen": round(now - p.last_seen, 1),
-                "ledger": self.ledger.get(p.name, {}),
+                "key": p.key_name, "strikes": self.strikes.get(p.key_name, 0),
+                "ledger": self.ledger.get(p.key_name, {}),
             } for p in self.peers.values()],
             "ledger": self.ledger,
             "history": self.history[-200:],

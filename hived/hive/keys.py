@@ -64,7 +64,27 @@ class KeyStore:
         self._save(keys)
 
     def names(self) -> dict[str, dict]:
-        return {name: {"created": v["created"]} for name, v in sorted(self._load().items())}
+        return {name: {k: v[k] for k in ("created", "banned") if k in v} for name, v in sorted(self._load().items())}
+
+    def ban(self, name: str, reason: str) -> None:
+        """Refuse the key from its next connection on, until ``unban``: kept in this file, so a
+        ban holds across restarts and the operator can lift it while the coordinator runs."""
+        keys = self._load()
+        if name in keys:
+            keys[name]["banned"] = reason
+            self._save(keys)
+
+    def unban(self, name: str) -> None:
+        keys = self._load()
+        if name not in keys:
+            raise KeyStoreError(f"no key named {name!r}")
+        if keys[name].pop("banned", None) is None:
+            raise KeyStoreError(f"key {name!r} is not banned")
+        self._save(keys)
+
+    def banned(self, name: str) -> str | None:
+        """Why the key is banned, or None."""
+        return self._load().get(name, {}).get("banned")
 
     def verify(self, key: str) -> str | None:
         """The key's name, or None. Reads the file each time so revocations apply at once."""

@@ -57,6 +57,7 @@ class Peer:
         self.mode = "diloco"  # set from the coordinator's Welcome
         self.identity: str | None = None  # what the trainer was built for
         self.rounds = 0
+        self.failures = 0  # connections in a row that ended before a Welcome: sets the backoff
         self.loaded: set[str] = set()  # the parameters loaded from this round's weights
 
     def _setup(self, welcome: Welcome) -> None:
@@ -147,6 +148,8 @@ class Peer:
             if msg.type != aiohttp.WSMsgType.BINARY:
                 break
             m = await loop.run_in_executor(None, self._receive, msg.data)  # a Welcome or Weights is applied there
+            if isinstance(m, Welcome):
+                self.failures = 0
             if isinstance(m, Refused):
                 if m.final:
                     raise Refusal(m.reason)
@@ -177,13 +180,11 @@ class Peer:
         """Serve rounds until done; reconnect after any failure. Exit status: 0 done, 1 refused."""
         url = self.opts.url.rstrip("/") + "/ws/peer"
         tls = ssl.create_default_context(cafile=self.opts.ca_file) if self.opts.ca_file else True
-        attempt = 0
         async with aiohttp.ClientSession() as http:
             while True:
                 try:
                     async with http.ws_connect(url, max_msg_size=MAX_FRAME_BYTES, heartbeat=30, ssl=tls) as ws:
                         log.info("connected to %s", self.opts.url)
-                        attempt = 0
                         if await self.session(ws):
                             log.info("left after %d round(s)", self.rounds)
                             return 0
@@ -192,7 +193,7 @@ class Peer:
                     return 1
                 except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError, ProtocolError) as exc:
                     log.warning("connection lost: %s", exc or type(exc).__name__)
-                delay = min(self.opts.max_backoff, 0.5 * 2 ** attempt) * random.uniform(0.5, 1.5)
-                attempt = min(attempt + 1, 16)
+                delay = min(self.opts.max_backoff, 0.5 * 2 ** self.failures) * random.uniform(0.5, 1.5)
+                self.failures = min(self.failures + 1, 16)
                 log.info("reconnecting in %.1f s", delay)
                 await asyncio.sleep(delay)

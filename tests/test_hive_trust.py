@@ -1,0 +1,46 @@
+"""One key is one participant: credit, strikes and bans belong to the key, whatever name or how
+many connections its holder uses. Real coordinators, real `hived join` peers, over 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+
+from hived.config import resolve
+from hived.hive.coordinator import Coordinator, HiveConfig
+from hived.hive.keys import KeyStore
+
+from conftest import join, serving, until
+
+
+def test_two_connections_with_one_key_share_one_ledger_entry(tmp_path, corpus, env, monkeypatch):
+    """Two processes with one key and two names: the key is credited, once per round, and only
+    one of them is connected at a time (the other is told why, and waits)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    key = KeyStore(tmp_path / "state").add("alice")
+    run = resolve({"preset": "1m", "data": [str(corpus)], "batch_size": 4, "eval_tokens": 4096})
+    coordinator = Coordinator(run, HiveConfig(inner_steps=2, rounds=3), tmp_path / "state")
+    most = 0
+
+    def connected() -> int:
+        nonlocal most
+        most = max(most, len(coordinator.peers))
+        return coordinator.round
+
+    async def hive() -> None:
+        async with serving(coordinator) as url:
+            peers = [join(url, key, name, env, "--threads", "1", log=tmp_path / f"{name}.log") for name in ("x", "y")]
+            try:
+                await until(lambda: connected() >= 3, 120, "3 rounds")
+            finally:
+                for p in peers:
+                    p.kill()
+                    p.wait()
+
+    asyncio.run(hive())
+    assert most == 1
+    assert list(coordinator.ledger) == ["alice"]
+    block = coordinator.trainer.model_cfg.block_size
+    assert coordinator.ledger["alice"]["rounds"] == 3 and coordinator.ledger["alice"]["tokens"] == 3 * 2 * 4 * block
+    assert coordinator.ledger["alice"]["name"] in ("x", "y")
+    logs = (tmp_path / "x.log").read_text() + (tmp_path / "y.log").read_text()
+    assert "key alice is already connected" in logs
