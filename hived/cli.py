@@ -334,6 +334,16 @@ STATE_DIR = _state_dir(required=True)
 @click.option("--rounds", type=int, default=0, help="stop after this many rounds (0: never)")
 @click.option("--upload-slots", type=int, default=4, show_default=True,
               help="updates received at once (bounds memory, whatever the number of peers)")
+@click.option("--send-slots", type=int, default=16, show_default=True,
+              help="weight frames being sent at once, to all peers together (bounds memory likewise)")
+@click.option("--aggregator", type=click.Choice(["mean", "trimmed-mean", "centered-clip"]), default="mean",
+              show_default=True, help="how updates are combined: robust ones bound what a dishonest peer can do")
+@click.option("--max-update-ratio", type=float, default=1.0, show_default=True,
+              help="reject an update whose norm exceeds this times the model's")
+@click.option("--clip-factor", type=float, default=5.0, show_default=True,
+              help="clip an update whose norm exceeds this times the median of recent ones")
+@click.option("--max-strikes", type=int, default=3, show_default=True,
+              help="ban a key after this many rejected or clipped updates (each clean one works one off)")
 @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), help="serve https/wss with this certificate")
 @click.option("--tls-key", type=click.Path(dir_okay=False, exists=True))
 @THREADS
@@ -341,9 +351,7 @@ STATE_DIR = _state_dir(required=True)
 @train_options
 @user_errors
 def serve(role: str, checkpoint: str | None, state_dir: str | None, host: str, port: int, tls_cert: str | None,
-          tls_key: str | None, threads: int | None, api_key_file, config_file: str | None, mode: str,
-          inner_steps: int, compression: str, outer_lr: float, outer_momentum: float, round_timeout: float,
-          min_peers: int, rounds: int, upload_slots: int, **flags) -> None:
+          tls_key: str | None, threads: int | None, api_key_file, config_file: str | None, **flags) -> None:
     """Run the daemon: a hive coordinator that peers join with `hived join`, or (--checkpoint) a
     trained model's dashboard and chat. Both serve the dashboard at / and the chat at /chat."""
     import ssl
@@ -377,10 +385,8 @@ def serve(role: str, checkpoint: str | None, state_dir: str | None, host: str, p
         flags["data"] = list(flags["data"]) or None
         if flags["checkpoint_interval"] is None:
             flags["checkpoint_interval"] = 10  # rounds, for a coordinator
+        hive = HiveConfig(**{f.name: flags.pop(f.name) for f in dataclasses.fields(HiveConfig)})
         run = resolve(flags, config_file)
-        hive = HiveConfig(mode=mode, inner_steps=inner_steps, compression=compression, outer_lr=outer_lr,
-                          outer_momentum=outer_momentum, round_timeout=round_timeout, min_peers=min_peers,
-                          rounds=rounds, upload_slots=upload_slots)
         coordinator = Coordinator(run, hive, Path(state_dir))
         state = RunState(role, info={"preset": run.train.preset, "hive": dataclasses.asdict(hive),
                                      "model": dataclasses.asdict(coordinator.trainer.model_cfg),

@@ -8,38 +8,50 @@ judged whole, so an aggregator can take an update back out.
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any, Protocol
 
 import torch
 
 Tensors = dict[str, torch.Tensor]
+log = logging.getLogger("hived.aggregation")
 
 
 class Aggregator(Protocol):
+    """One round's combination of updates, fed a part at a time from one thread."""
+
     def add(self, key: Hashable, part: Iterable[tuple[str, torch.Tensor, Any]], weight: float) -> None: ...
     def commit(self, key: Hashable, scale: float = 1.0) -> None: ...
     def discard(self, key: Hashable) -> None: ...
     def result(self) -> Tensors | None: ...
-    @property
-    def count(self) -> int: ...
+
+
+class Strategy(Protocol):
+    """How a hive combines updates, across rounds: a fresh aggregator for each round, and
+    whatever it learns from one round for the next (kept in the coordinator's checkpoint)."""
+
+    def round(self) -> Aggregator: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class WeightedMean:
-    """Mean of updates weighted by the tokens behind each (a peer that did more counts more).
+    """Mean of updates weighted by the work behind each (a peer that did more counts more).
 
     An update is summed part by part as it arrives (``add``, under its sender's key, with the
     weight given with its first part) and counts once it is ``commit``ted, its values scaled if
-    it was clipped but with its full weight (clip first, then average); ``discard`` takes it back out (rejected), and ``result`` discards whatever was never
-    committed (a sender that left mid-upload) and hands over the sum, divided in place. A part
-    comes as (name, tensor, kept) triples: the tensor (any float precision) is added now, and
-    ``kept`` is what is held to take it back out, read with ``expand``: a caller passes it
-    packed, as small as it travelled, so no second full-precision copy of an update is held.
-    Only updates whose norm the guard could still accept are added, so taking one out costs no
-    precision beyond float32 rounding at the model's own scale.
+    it was clipped but with its full weight (clip first, then average); ``discard`` takes it
+    back out (rejected), and ``result`` discards whatever was never committed (a sender that
+    left mid-upload) and hands over the sum, divided in place. A part comes as (name, tensor,
+    kept) triples: the tensor (any float precision) is added now, and ``kept`` is what is held
+    to take it back out, read with ``expand``: a caller passes it packed, as small as it
+    travelled, so no second full-precision copy of an update is held. Only updates whose norm
+    the guard could still accept are added, so taking one out costs no precision beyond float32
+    rounding at the model's own scale.
 
     Not thread-safe: its calls must come one at a time, in order (the coordinator makes them all
     on one thread).
@@ -70,7 +82,7 @@ class WeightedMean:
         weight, kept = self.pending.pop(key)
         if scale != 1.0:
             self._take(kept, (1.0 - scale) * weight)
-        self.total += weight  # clip, then average: a clipped update keeps its full weight
+        self.total += weight
         self.count += 1
 
     def discard(self, key: Hashable) -> None:
@@ -91,6 +103,170 @@ class WeightedMean:
         for v in self.sum.values():
             v.div_(self.total)
         return self.sum
+
+
+class HeldUpdates:
+    """An aggregator that needs every update at once: each committed update is held as it
+    travelled (compressed) until the round ends, so memory grows by one compressed update per
+    peer (an fp16 update holds 2 bytes a parameter), and at the end each tensor is expanded one
+    update at a time, or for all of them together only while that one tensor is combined.
+    Subclasses say how to ``combine``."""
+
+    def __init__(self, expand: Callable[[Any], torch.Tensor] = lambda t: t) -> None:
+        self.expand = expand
+        self.pending: dict[Hashable, tuple[float, list[tuple[str, Any]]]] = {}
+        self.held: list[tuple[float, float, dict[str, Any]]] = []  # weight, scale, name → kept
+        self.closed = False
+        self.count = 0
+
+    def add(self, key: Hashable, part: Iterable[tuple[str, torch.Tensor, Any]], weight: float) -> None:
+        if not self.closed:
+            self.pending.setdefault(key, (weight, []))[1].extend((name, v) for name, _, v in part)
+
+    def commit(self, key: Hashable, scale: float = 1.0) -> None:
+        if key in self.pending:
+            weight, kept = self.pending.pop(key)
+            if weight > 0:
+                self.held.append((weight, scale, dict(kept)))
+                self.count += 1
+
+    def discard(self, key: Hashable) -> None:
+        self.pending.pop(key, None)
+
+    def result(self) -> Tensors | None:
+        self.pending.clear()
+        self.closed = True
+        if not self.held:
+            return None
+        out = self.combine()
+        self.held.clear()
+        return out
+
+    def values(self, name: str) -> Iterator[tuple[float, torch.Tensor]]:
+        """Each held update's ``name`` tensor in float32, scaled as committed, with its weight."""
+        for weight, scale, kept in self.held:
+            yield weight, self.expand(kept[name]).to(torch.float32, copy=True).mul_(scale)  # a view of bytes held
+
+    def combine(self) -> Tensors:
+        raise NotImplementedError
+
+
+class CenteredClip(HeldUpdates):
+    """Centered clipping (Karimireddy, He and Jaggi, 2021): starting from ``center``, each
+    iteration moves it by the weighted mean of c (x - center), with c = min(1, radius / |x -
+    center|), so no sender moves it by more than its share of the radius, in any direction,
+    however it crafts its update. The radius is the median distance of this round's updates
+    from the center, so an attacker's few cannot set it. Iterations stop once a step moves the
+    center by less than ``tolerance`` of the radius: from a good center (the previous round's
+    result) after one or two, from zero after a few more."""
+
+    def __init__(self, center: Tensors, expand: Callable[[Any], torch.Tensor] = lambda t: t,
+                 done: Callable[[CenteredClip, Tensors], None] | None = None, max_iterations: int = 10,
+                 tolerance: float = 0.01) -> None:
+        super().__init__(expand)
+        self.center, self.done = center, done
+        self.max_iterations, self.tolerance = max_iterations, tolerance
+        self.radii: list[float] = []  # each iteration's, for the log and the tests
+
+    def combine(self) -> Tensors:
+        names = list(self.held[0][2])
+        total = sum(w for w, _, _ in self.held)
+        v = {name: self.center[name].float().clone() if name in self.center
+             else torch.zeros(self.expand(self.held[0][2][name]).shape) for name in names}
+        for _ in range(self.max_iterations):
+            squared = [0.0] * len(self.held)
+            for name in names:
+                for i, (_, x) in enumerate(self.values(name)):
+                    d = x.sub_(v[name]).flatten()
+                    squared[i] += float(torch.dot(d, d))
+            distances = [math.sqrt(q) for q in squared]
+            radius = statistics.median(distances)
+            self.radii.append(radius)
+            clip = [min(1.0, radius / d) if d > 0 else 1.0 for d in distances]
+            moved = 0.0
+            for name in names:
+                step = torch.zeros_like(v[name])
+                for (w, x), c in zip(self.values(name), clip):
+                    step.add_(x.sub_(v[name]), alpha=w * c / total)
+                v[name].add_(step)
+                moved += float(torch.dot(step.flatten(), step.flatten()))
+            if math.sqrt(moved) <= self.tolerance * radius:
+                break
+        if self.done is not None:
+            self.done(self, v)
+        return v
+
+
+class TrimmedMean(HeldUpdates):
+    """Coordinate-wise trimmed mean: for every value, the ``fraction`` largest and smallest of
+    the round's updates (rounded up, and always leaving one) are dropped and the rest averaged,
+    unweighted."""
+
+    def __init__(self, fraction: float, expand: Callable[[Any], torch.Tensor] = lambda t: t) -> None:
+        super().__init__(expand)
+        self.fraction = fraction
+
+    def combine(self) -> Tensors:
+        n = len(self.held)
+        trim = min((n - 1) // 2, math.ceil(self.fraction * n))
+        out: Tensors = {}
+        for name in self.held[0][2]:
+            stacked = torch.stack([x for _, x in self.values(name)])
+            if trim:
+                stacked = stacked.sort(dim=0).values[trim:n - trim]
+            out[name] = stacked.mean(dim=0)
+        return out
+
+
+class Mean:
+    """The plain weighted mean, round after round; it learns nothing across rounds."""
+
+    def __init__(self, expand: Callable[[Any], torch.Tensor]) -> None:
+        self.expand = expand
+
+    def round(self) -> Aggregator:
+        return WeightedMean(self.expand)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class Trimmed(Mean):
+    def __init__(self, expand: Callable[[Any], torch.Tensor], fraction: float = 0.25) -> None:
+        super().__init__(expand)
+        self.fraction = fraction
+
+    def round(self) -> Aggregator:
+        return TrimmedMean(self.fraction, self.expand)
+
+
+class CenteredClipping:
+    """Centered clipping round after round, each round's starting center the previous round's
+    result: honest updates of consecutive rounds point much the same way, so it starts near
+    them. The first round starts from zero."""
+
+    def __init__(self, expand: Callable[[Any], torch.Tensor]) -> None:
+        self.expand = expand
+        self.center: Tensors | None = None
+
+    def round(self) -> Aggregator:
+        return CenteredClip(self.center or {}, expand=self.expand, done=self._learn)
+
+    def _learn(self, agg: CenteredClip, result: Tensors) -> None:
+        self.center = {k: v.clone() for k, v in result.items()}  # the caller may change the result
+        log.info("centered clipping: radius %s", " -> ".join(f"{r:.3g}" for r in agg.radii))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"center": self.center}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.center = state.get("center")
+
+
+STRATEGIES = {"mean": Mean, "trimmed-mean": Trimmed, "centered-clip": CenteredClipping}
 
 
 class UpdateGuard:

@@ -38,7 +38,7 @@ from ..events import Events
 from ..protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Ack, Bye, Go, Hello, ProtocolError, Ready, Refused, Training,
                         Update, Weights, Welcome, Work, clean_text, decode, encode, packed_ahead, tensor_frames, unpack)
 from ..trainer import build_trainer, fused, lr_at, make_optimizer
-from .aggregation import UpdateGuard, WeightedMean, model_norm, squared_norm
+from .aggregation import STRATEGIES, Aggregator, UpdateGuard, model_norm, squared_norm
 from .keys import KeyStore
 
 log = logging.getLogger("hived.coordinator")
@@ -49,6 +49,7 @@ CHAT_REFRESH = 2.0  # seconds between copies of the weights for the chat
 @dataclass
 class HiveConfig:
     mode: str = "diloco"  # diloco | sync
+    aggregator: str = "mean"  # mean | trimmed-mean | centered-clip
     inner_steps: int = 50
     compression: str = "fp16"
     outer_lr: float = 0.7
@@ -65,11 +66,15 @@ class HiveConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("diloco", "sync"):
             raise ConfigError("--mode is diloco or sync")
+        if self.aggregator not in STRATEGIES:
+            raise ConfigError(f"--aggregator is one of {', '.join(STRATEGIES)}")
         if self.outer_lr <= 0 or not 0 <= self.outer_momentum < 1:
             raise ConfigError("--outer-lr must be positive and --outer-momentum in [0, 1)")
-        if min(self.inner_steps, self.min_peers, self.upload_slots, self.send_slots) < 1 or self.round_timeout <= 0:
-            raise ConfigError("--inner-steps, --min-peers and --upload-slots must be at least 1, "
-                              "--round-timeout positive")
+        if min(self.inner_steps, self.min_peers, self.upload_slots, self.send_slots, self.max_strikes) < 1:
+            raise ConfigError("--inner-steps, --min-peers, --upload-slots, --send-slots and --max-strikes must be "
+                              "at least 1")
+        if self.round_timeout <= 0 or self.max_update_ratio <= 0 or self.clip_factor <= 1:
+            raise ConfigError("--round-timeout and --max-update-ratio must be positive, --clip-factor above 1")
 
 
 @dataclass
@@ -113,10 +118,10 @@ class Round:
     number: int
     expected: set[str]
     assigned: dict[str, int]  # peer id → tokens of work
+    agg: Aggregator
     model_norm: float = 0.0
     started: float = field(default_factory=time.time)
     reported: set[str] = field(default_factory=set)
-    agg: WeightedMean = field(default_factory=lambda: WeightedMean(unpack))
     # the accepted updates' senders, losses and tokens: credited to the ledger once the round is
     # applied, so a round that never is (SIGTERM before it closes) credits nobody
     credits: list[tuple[Peer, float, int]] = field(default_factory=list)
@@ -174,6 +179,7 @@ class Coordinator:
         self.model = self.trainer.model
         self.params = dict(self.model.named_parameters())
         self.max_update_bytes = 2 * 4 * self.model.num_params() + (1 << 20)
+        self.strategy = STRATEGIES[hive.aggregator](unpack)
         self.guard = UpdateGuard({k: p.shape for k, p in self.params.items()}, hive.max_update_ratio, hive.clip_factor)
         self.schedule = self._schedule()
         if hive.mode == "diloco":
@@ -235,6 +241,8 @@ class Coordinator:
         self.strikes = state["strikes"]
         self.history = state["history"]
         self.guard.norms.extend(state["norms"])
+        if state["hive_config"].get("aggregator") == self.hive.aggregator:  # else the new one starts afresh
+            self.strategy.load_state_dict(state["aggregation"])
         if state["data_key"] != self.data_key:
             log.warning("the corpus differs from the one this hive started with; its tokenizer is kept, and "
                         "characters it never saw read as an unknown token")
@@ -246,6 +254,7 @@ class Coordinator:
         return {
             "round": self.round, "cursor": self.cursor, "tokens": self.tokens,
             "ledger": copy.deepcopy(self.ledger), "strikes": dict(self.strikes), "norms": list(self.guard.norms),
+            "aggregation": self.strategy.state_dict(),
             "model_config": dataclasses.asdict(self.trainer.model_cfg),
             "train_config": dataclasses.asdict(self.run.train), "hive_config": dataclasses.asdict(self.hive),
             "tokenizer": self.trainer.tokenizer.to_json(), "data_key": self.data_key,
@@ -340,7 +349,7 @@ class Coordinator:
         per_peer = cfg.batch_size * cfg.grad_accum * self._steps_per_round()
         block = self.trainer.model_cfg.block_size
         rnd = Round(self.round, {p.id for p in peers}, {p.id: per_peer * block for p in peers},
-                    model_norm=model_norm(self.params))
+                    self.strategy.round(), model_norm=model_norm(self.params))
         rnd.between = rnd.started - self.last_closed if self.last_closed else 0.0
         self.current = rnd
         # The weights are packed a few parts ahead of the first peer that needs them; every peer
