@@ -3,9 +3,11 @@
 Tokens are encoded once into a memory-mapped ``.bin`` file in a cache keyed by the corpus files
 and the tokenizer, so a corpus larger than RAM streams from disk and a second run starts at once.
 
-Batches come from a stateless mapping of *window index* → offset (a hash), so the whole data
-position of a run is one integer, a resumed run continues with exactly the windows it would have
-seen, and a coordinator can hand peers disjoint ranges of window indices.
+The training split is cut into non-overlapping windows of ``block_size + 1`` tokens, and each
+epoch visits every window once, in a seeded permutation of its own. Window index i is window
+``perm[epoch][i % n]`` with ``epoch = i // n``: a stateless mapping, so the whole data position
+of a run is one integer, a resumed run continues with exactly the windows it would have seen,
+and a coordinator that hands peers disjoint ranges of window indices hands them disjoint text.
 """
 
 from __future__ import annotations
@@ -159,14 +161,6 @@ def encode_to_cache(docs: list[Document], tok: Tokenizer, cache_dir: Path, progr
     return path
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """A well-mixed 64-bit hash (SplitMix64); uint64 arithmetic wraps by design."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
 class TokenData:
     """A tokenized corpus split into train (first part) and validation (last part)."""
 
@@ -182,7 +176,9 @@ class TokenData:
         self.block_size = block_size
         self.train = tokens[: n - n_val]
         self.val = tokens[n - n_val:]
-        self._key = _splitmix64(np.array([seed], dtype=np.uint64))[0]
+        self.seed = seed
+        self.windows = len(self.train) // (block_size + 1)  # per epoch
+        self._orders: dict[int, np.ndarray] = {}  # epoch → its permutation (the last two used)
         self._arange = np.arange(block_size + 1)
 
     @classmethod
@@ -193,10 +189,22 @@ class TokenData:
         tokens = np.memmap(path, dtype=_dtype(vocab_size), mode="r")
         return cls(tokens, block_size, val_fraction, seed, name=name)
 
+    def _order(self, epoch: int) -> np.ndarray:
+        order = self._orders.get(epoch)
+        if order is None:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.windows)
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}  # a range may span two
+            self._orders[epoch] = order
+        return order
+
     def offsets(self, start: int, count: int) -> np.ndarray:
         """Start offsets of train windows ``start .. start+count-1`` (window index → offset)."""
-        idx = np.arange(start, start + count, dtype=np.uint64) ^ self._key
-        return (_splitmix64(idx) % np.uint64(len(self.train) - self.block_size)).astype(np.int64)
+        epochs, positions = np.divmod(np.arange(start, start + count, dtype=np.int64), self.windows)
+        out = np.empty(count, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            here = epochs == epoch
+            out[here] = self._order(int(epoch))[positions[here]]
+        return out * (self.block_size + 1)
 
     def batch(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets for train windows ``start .. start+count-1``."""

@@ -68,18 +68,41 @@ def test_cache_is_reused_and_memory_mapped(tmp_path, corpus):
     assert encode_to_cache(docs, tok, tmp_path / "cache") != first
 
 
-def test_windows_are_deterministic_disjoint_by_index_and_in_range():
+def test_windows_are_deterministic_and_their_targets_the_next_tokens():
     tokens = np.arange(10_000, dtype=np.uint16)
     data = TokenData(tokens, block_size=16, val_fraction=0.1, seed=3)
     x, y = data.batch(100, 8)
     x2, _ = data.batch(100, 8)
     assert x.equal(x2)  # the same window indices give the same windows: resume is exact
     assert (y[:, :-1] == x[:, 1:]).all()  # targets are the next tokens
-    off = data.offsets(0, 50_000)
-    assert off.min() >= 0 and off.max() <= len(data.train) - 17
-    assert len(np.unique(off)) > 8000  # spread over the whole split
+    fresh = TokenData(tokens, block_size=16, val_fraction=0.1, seed=3)
+    assert np.array_equal(fresh.offsets(700, 300), data.offsets(0, 1000)[700:])  # stateless
     other = TokenData(tokens, 16, 0.1, seed=4).offsets(0, 100)
-    assert not np.array_equal(other, off[:100])
+    assert not np.array_equal(other, data.offsets(0, 100))
+
+
+def positions(data: TokenData, start: int, count: int) -> np.ndarray:
+    """Every train token position that windows ``start .. start+count-1`` read."""
+    return (data.offsets(start, count)[:, None] + np.arange(data.block_size + 1)).ravel()
+
+
+def test_peers_windows_share_no_token_and_an_epoch_covers_the_split_once():
+    """Two peers of a round get consecutive ranges of window indices (as the coordinator hands
+    them out): they read disjoint text. An epoch reads the training split once (all of it but a
+    tail shorter than a window), and the next epoch reads it again in another order."""
+    tokens = np.arange(30_000, dtype=np.uint32)
+    data = TokenData(tokens, block_size=16, val_fraction=0.1, seed=5)
+    first, second = positions(data, 40, 32), positions(data, 72, 32)
+    assert len(np.unique(first)) == len(first) and not np.intersect1d(first, second).size
+    n = data.windows
+    assert n == len(data.train) // 17
+    epoch = positions(data, 0, n)
+    assert np.array_equal(np.sort(epoch), np.arange(n * 17))  # each position once
+    assert len(data.train) - n * 17 < 17
+    assert np.array_equal(np.sort(positions(data, n, n)), np.arange(n * 17))
+    assert not np.array_equal(data.offsets(0, n), data.offsets(n, n))
+    across = data.offsets(n - 3, 6)  # a range across two epochs
+    assert np.array_equal(across, np.concatenate([data.offsets(0, n)[-3:], data.offsets(n, 3)]))
 
 
 def test_validation_covers_the_whole_split_once():
