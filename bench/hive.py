@@ -236,8 +236,8 @@ async def simulate(url: str, key: str, n: int) -> None:
 
     from hived.config import ModelConfig
     from hived.model import GPT
-    from hived.protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Go, Hello, Ready, Update, Welcome, Work, decode,
-                                encode, tensor_frames)
+    from hived.hive.protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Go, Hello, Ready, Update, Welcome, Work,
+                                     decode, encode, tensor_frames)
 
     update: dict = {}  # the precomputed update, the same for every peer
     compression: list[str] = []
@@ -285,7 +285,7 @@ def bench_model():
 
 def floor_frames() -> list[bytes]:
     """One fp16 update of the benchmark's model, packed: the bytes a round moves per peer."""
-    from hived.protocol import Update, tensor_frames
+    from hived.hive.protocol import Update, tensor_frames
 
     return [job() for job in tensor_frames(Update(0, 0, 0, 64, 3.0, 0.1),
                                            {k: p.detach() * 1e-3 for k, p in bench_model().named_parameters()},
@@ -299,10 +299,11 @@ def pieces(compression: str, calls: int = 30) -> None:
 
     import torch
 
-    from hived.hive.aggregation import UpdateGuard, WeightedMean, model_norm
-    from hived.hive.coordinator import Coordinator
-    from hived.hive.peer import Peer
-    from hived.protocol import ErrorFeedback, Update, Weights, decode, tensor_frames, unpack
+    from hived.hive.aggregation import WeightedMean, model_norm
+    from hived.hive.compression import ErrorFeedback, unpack
+    from hived.hive.coordinator.uploads import decode_frame
+    from hived.hive.protocol import Update, Weights, decode, tensor_frames
+    from hived.hive.worker import TrainerWorker
     from hived.trainer import fused
 
     model = bench_model()
@@ -311,9 +312,9 @@ def pieces(compression: str, calls: int = 30) -> None:
     feedback = ErrorFeedback(compression)
     update = [job() for job in tensor_frames(Update(0, 0, 0, 64, 3.0, 0.1), delta, compression, feedback.pack)]
     weights = [job() for job in tensor_frames(Weights(0, 0, 0), {k: p.data for k, p in params.items()}, compression)]
-    coordinator = types.SimpleNamespace(guard=UpdateGuard({k: p.shape for k, p in params.items()}))
+    shapes = {k: tuple(p.shape) for k, p in params.items()}
     peer = types.SimpleNamespace(trainer=types.SimpleNamespace(model=model), loaded=set())
-    decoded = [Coordinator._decode(coordinator, f) for f in update]
+    decoded = [decode_frame(f, shapes) for f in update]
     outer = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9, nesterov=True, fused=fused(torch.device("cpu")))
 
     def aggregate() -> None:
@@ -334,14 +335,14 @@ def pieces(compression: str, calls: int = 30) -> None:
         ("peer: pack the update (error feedback, msgpack, zstd)",
          lambda: [job() for job in tensor_frames(Update(0, 0, 0, 64, 3.0, 0.1), delta, compression, feedback.pack)]),
         ("coordinator: decode an update (zstd, msgpack, float32, norm)",
-         lambda: [Coordinator._decode(coordinator, f) for f in update]),
+         lambda: [decode_frame(f, shapes) for f in update]),
         ("coordinator: sum it (add, commit, divide)", aggregate),
         ("coordinator: outer step", step),
         ("coordinator: the model's norm", lambda: model_norm(params)),
         ("coordinator: pack the weights",
          lambda: [job() for job in tensor_frames(Weights(0, 0, 0), {k: p.data for k, p in params.items()},
                                                  compression)]),
-        ("peer: decode and load the weights", lambda: [Peer.load(peer, decode(f)) for f in weights]),
+        ("peer: decode and load the weights", lambda: [TrainerWorker.load(peer, decode(f)) for f in weights]),
     ]
     print(f"{sum(p.numel() for p in params.values()):,} parameters, {compression}, {len(update)} update parts, "
           f"{torch.get_num_threads()} torch threads; median ms of {calls} calls")

@@ -41,11 +41,11 @@ TRAIN_HELP = {
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
     "grad_clip": "clip the gradient norm to this (0: no clipping)",
-    "eval_interval": "evaluate on the validation split every N steps",
+    "eval_interval": "evaluate on the validation split every N steps (a coordinator: rounds, default 1)",
     "eval_tokens": "most validation tokens per evaluation",
     "sample_interval": "print a text sample every N steps",
     "sample_tokens": "length of those samples",
-    "checkpoint_interval": "write latest.pt every N steps",
+    "checkpoint_interval": "write latest.pt every N steps (a coordinator: its state every N rounds, default 10)",
     "log_interval": "a progress line every N steps (when not on a terminal)",
     "out": "run folder for checkpoints, metrics and tokenizer.json",
     "resume": "continue the run in --out from its latest.pt",
@@ -383,8 +383,9 @@ def serve(role: str, checkpoint: str | None, state_dir: str | None, host: str, p
         if not state_dir:
             raise click.UsageError("a coordinator needs --state-dir (or serve a model with --checkpoint)")
         flags["data"] = list(flags["data"]) or None
-        if flags["checkpoint_interval"] is None:
-            flags["checkpoint_interval"] = 10  # rounds, for a coordinator
+        for name, rounds in (("checkpoint_interval", 10), ("eval_interval", 1)):  # rounds, for a coordinator
+            if flags[name] is None:
+                flags[name] = rounds
         hive = HiveConfig(**{f.name: flags.pop(f.name) for f in dataclasses.fields(HiveConfig)})
         run = resolve(flags, config_file)
         coordinator = Coordinator(run, hive, Path(state_dir))
@@ -445,7 +446,7 @@ def join(url: str, key: str | None, key_file, name: str | None, device: str, max
     import asyncio
     import platform
 
-    from .hive.peer import Peer, PeerOptions
+    from .hive.peer import HivePeer, PeerOptions
 
     _logging()
     _use_threads(threads)
@@ -455,7 +456,7 @@ def join(url: str, key: str | None, key_file, name: str | None, device: str, max
         raise click.UsageError("a key is needed: --key, --key-file or HIVED_KEY")
     if not url.startswith(("ws://", "wss://")):
         raise click.BadParameter("the coordinator's URL starts with ws:// or wss://", param_hint="URL")
-    peer = Peer(PeerOptions(url, key, name or platform.node() or "peer", device, max_rounds, ca_file=tls_ca))
+    peer = HivePeer(PeerOptions(url, key, name or platform.node() or "peer", device, max_rounds, ca_file=tls_ca))
     try:
         sys.exit(asyncio.run(peer.run()))
     except KeyboardInterrupt:

@@ -144,17 +144,19 @@ class Trainer:
         return metrics
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, Any]:
-        """Mean loss over the validation split (all of it, up to ``eval_tokens``)."""
-        self.model.eval()
+    def evaluate(self, model: GPT | None = None) -> dict[str, Any]:
+        """Mean loss over the validation split (all of it, up to ``eval_tokens``), of this
+        trainer's model or of ``model`` (a copy of its weights, evaluated while it trains on)."""
+        model = model or self.model
+        model.eval()
         total, count = 0.0, 0
         for x, y in self.data.val_batches(4 * self.cfg.batch_size, self.cfg.eval_tokens):
             x, y = x.to(self.device), y.to(self.device)
             with autocast(self.device, self.dtype):
-                _, loss = self.model(x, y)
+                _, loss = model(x, y)
             total += loss.item() * y.numel()
             count += y.numel()
-        self.model.train()
+        model.train()
         val = total / count
         improved = val < self.best_val
         self.best_val = min(self.best_val, val)
@@ -165,13 +167,15 @@ class Trainer:
         self.events.emit("eval", **metrics)
         return metrics
 
-    def sample(self, prompt: str = "", max_tokens: int | None = None) -> str:
-        """A text sample; seeded by the step so it never disturbs the training RNG."""
+    def sample(self, prompt: str = "", max_tokens: int | None = None, model: GPT | None = None) -> str:
+        """A text sample (of ``model``, if given); seeded by the step so it never disturbs the
+        training RNG."""
+        model = model or self.model
         params = SamplingParams(max_tokens=max_tokens or self.cfg.sample_tokens, temperature=0.8,
                                 top_k=40, seed=self.cfg.seed + self.step)
-        self.model.eval()
-        text = generate(self.model, self.tokenizer, prompt, params)[0]
-        self.model.train()
+        model.eval()
+        text = generate(model, self.tokenizer, prompt, params)[0]
+        model.train()
         self.events.emit("sample", step=self.step, prompt=prompt, text=text)
         return text
 

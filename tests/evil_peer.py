@@ -15,14 +15,16 @@ import time
 
 import torch
 
+from hived.device import pick_device
 from hived.hive.aggregation import squared_norm
-from hived.hive.peer import Peer, PeerOptions
-from hived.protocol import Work
+from hived.hive.peer import HivePeer, PeerOptions
+from hived.hive.protocol import Work
+from hived.hive.worker import TrainerWorker
 
 
-class EvilPeer(Peer):
+class EvilPeer(HivePeer):
     def __init__(self, opts: PeerOptions, kind: str):
-        super().__init__(opts)
+        super().__init__(opts, EvilWorker(pick_device(opts.device), kind))
         self.kind = kind
 
     def _receive(self, frame):
@@ -30,6 +32,12 @@ class EvilPeer(Peer):
         if self.kind == "stall" and isinstance(m, Work) and m.round >= 2:
             time.sleep(3600)
         return m
+
+
+class EvilWorker(TrainerWorker):
+    def __init__(self, device, kind: str):
+        super().__init__(device)
+        self.kind = kind
 
     def work(self, work):
         header, delta = super().work(work)

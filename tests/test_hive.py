@@ -90,6 +90,12 @@ class Hive:
             p.wait(timeout=30)
 
 
+def evaluated(status: dict) -> list[tuple[int, float]]:
+    """(round, val loss) of the rounds evaluated so far: evaluation runs off the rounds' path, and
+    a round due while another is being evaluated is skipped."""
+    return [(r["round"], r["val_loss"]) for r in status["history"] if r["val_loss"] is not None]
+
+
 @pytest.fixture
 def hive_factory(tmp_path, env, corpus):
     made: list[Hive] = []
@@ -111,10 +117,10 @@ def test_two_peers_train_one_model_and_validation_loss_falls(hive_factory):
     devices = {p["name"]: p["device"] for p in joined["peers"]}
     assert joined["device"].endswith(", 1 thread)") and devices["p1"].endswith(", 1 thread)")  # --threads
     assert devices["p2"] == describe(pick_device())  # by default, every core
-    status = hive.wait(lambda s: s["round"] >= 5 and len(s["history"]) >= 5)
+    status = hive.wait(lambda s: s["round"] >= 5 and len(s["history"]) >= 5 and evaluated(s)[-1][0] == 5)
     history = status["history"]
     assert all(r["accepted"] == 2 for r in history)  # both peers' updates, every round
-    assert history[-1]["val_loss"] < history[0]["val_loss"] - 0.3
+    assert evaluated(status)[-1][1] < evaluated(status)[0][1] - 0.3
     assert set(status["ledger"]) == {"p1", "p2"}
     assert all(v["rounds"] == 5 and v["tokens"] == 5 * 10 * 4 * 64 for v in status["ledger"].values())
     assert status["bytes_in"] > 0 and status["bytes_out"] > 0 and status["mode"] == "diloco"
@@ -134,7 +140,7 @@ def test_a_wrong_key_is_refused_for_good_and_attempts_are_rate_limited(hive_fact
             reasons = []
             for _ in range(7):
                 async with s.ws_connect(hive.url + "/ws/peer") as ws:
-                    from hived.protocol import PROTOCOL_VERSION, Hello, decode, encode
+                    from hived.hive.protocol import PROTOCOL_VERSION, Hello, decode, encode
                     await ws.send_bytes(encode(Hello(PROTOCOL_VERSION, "hk_nope", "x", "cpu")))
                     reasons.append(decode((await ws.receive(timeout=10)).data).reason)
             return reasons
@@ -179,11 +185,11 @@ def test_poisoned_updates_never_reach_the_model(hive_factory, kind):
     hive.join(name="good")
     evil = hive.spawn(sys.executable, str(HERE / "evil_peer.py"), hive.url, hive.key("evil"), kind, log="evil.log")
     assert evil.wait(timeout=150) == 1  # banned after repeated bad updates, and told so
-    status = hive.wait(lambda s: s["round"] >= 5, timeout=150)
+    status = hive.wait(lambda s: s["round"] >= 5 and len(evaluated(s)) >= 3, timeout=150)
     history = status["history"]
     assert status["rejected_updates"] == 3
     assert all(r["accepted"] >= 1 for r in history)
-    losses = [r["val_loss"] for r in history]
+    losses = [loss for _, loss in evaluated(status)]
     assert all(b <= a + 0.05 for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0]
     assert "key evil banned after 3 bad updates" in (hive.tmp / "evil.log").read_text()
     if kind == "nan":  # the ban holds for any process with the key, until the operator lifts it
@@ -222,9 +228,9 @@ def test_sync_mode_with_int8_updates_and_one_upload_slot_trains(hive_factory):
                         "--upload-slots", "1")
     for i in (1, 2):
         hive.join("--max-rounds", "40", name=f"s{i}")
-    status = hive.wait(lambda s: s["round"] >= 40 and len(s["history"]) >= 40, timeout=240)
+    status = hive.wait(lambda s: s["round"] >= 40 and evaluated(s) and evaluated(s)[-1][0] == 40, timeout=240)
     assert status["mode"] == "sync" and status["compression"] == "int8"
-    assert status["history"][-1]["val_loss"] < status["history"][0]["val_loss"] - 0.3
+    assert evaluated(status)[-1][1] < evaluated(status)[0][1] - 0.3
     # int8 updates: at least 3.5x fewer bytes than fp32 (4 bytes a parameter) per peer per round
     assert status["bytes_in"] / (2 * 40) < status["parameters"] * 4 / 3.5
 
@@ -328,17 +334,25 @@ def test_the_volunteer_join_script(hive_factory, tmp_path):
     hive.wait(lambda s: s["ledger"].get("volunteer", {}).get("rounds") == 1)  # credited once its round is applied
 
 
-def test_shutdown_waits_for_the_background_job_even_when_its_waiter_was_cancelled(tmp_path, corpus, monkeypatch):
-    """The rounds' task can be cancelled (SIGTERM) while it waits for the round's background job;
-    the shutdown that follows must still wait for the job, which reads the weights it saves."""
+def test_shutdown_waits_for_the_evaluation_even_when_its_waiter_was_cancelled(tmp_path, corpus, monkeypatch):
+    """The rounds' task can be cancelled (SIGTERM) while it waits for the last evaluation; the
+    shutdown that follows must still wait for it, since the checkpoint it writes holds its
+    result."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     coordinator = Coordinator(resolve({"preset": "1m", "data": [str(corpus)]}), HiveConfig(), tmp_path / "state")
     finished = threading.Event()
-    coordinator.pending = lambda: (time.sleep(0.5), finished.set())
+
+    def evaluate(record, weights):
+        time.sleep(0.5)
+        record["val_loss"] = 1.0
+        finished.set()
+
+    monkeypatch.setattr(coordinator.evaluator, "_evaluate", evaluate)
+    coordinator.history.append({"round": 1, "val_loss": None, "tokens": 0})
+    coordinator.evaluator.due(coordinator.history[-1], coordinator.model)
 
     async def shutdown() -> None:
-        coordinator._start_evaluation()
-        rounds = asyncio.create_task(coordinator.evaluated())  # as run_rounds waits before an outer step
+        rounds = asyncio.create_task(coordinator.evaluator.drain())  # as run_rounds ends
         await asyncio.sleep(0.1)
         rounds.cancel()
         await asyncio.gather(rounds, return_exceptions=True)
@@ -346,6 +360,7 @@ def test_shutdown_waits_for_the_background_job_even_when_its_waiter_was_cancelle
 
     asyncio.run(shutdown())
     assert finished.is_set()
+    assert checkpoint.load(tmp_path / "state" / "coordinator.pt")["history"][-1]["val_loss"] == 1.0
 
 
 @pytest.mark.parametrize("call", ["add", "result"])

@@ -61,7 +61,7 @@ def test_diloco_with_outer_lr_1_and_no_momentum_lands_on_the_peers_weights_exact
     at most one unit in the last place of the larger of start and end. Anything the mean or the
     outer step did to the update (a weight, a scale, a second rounding) is far larger. The peer
     runs in this process (over a real loopback WebSocket) so its weights can be read."""
-    from hived.hive.peer import Peer, PeerOptions
+    from hived.hive.peer import HivePeer, PeerOptions
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     key = KeyStore(tmp_path / "state").add("p")
@@ -69,14 +69,14 @@ def test_diloco_with_outer_lr_1_and_no_momentum_lands_on_the_peers_weights_exact
                                                              outer_momentum=0.0, rounds=1), tmp_path / "state")
     start = {k: v.clone() for k, v in coordinator.model.state_dict().items()}
 
-    async def hive() -> Peer:
+    async def hive() -> HivePeer:
         async with serving(coordinator) as url:
-            peer = Peer(PeerOptions(url, key, "p", device="cpu", max_rounds=1))
+            peer = HivePeer(PeerOptions(url, key, "p", device="cpu", max_rounds=1))
             assert await asyncio.wait_for(peer.run(), 120) == 0
             await until(lambda: coordinator.round == 1, 60, "the round to be applied")
             return peer
 
-    end = asyncio.run(hive()).trainer.model.state_dict()
+    end = asyncio.run(hive()).worker.trainer.model.state_dict()
     eps = torch.finfo(torch.float32).eps
     for name, weights in coordinator.model.state_dict().items():
         ulp = eps * torch.maximum(start[name].abs(), end[name].abs())

@@ -58,7 +58,8 @@ def val_loss(tmp: Path, corpus: Path, env: dict, aggregator: str, attack: str | 
                                                attack, "--threads", "1"], env=env, stdout=subprocess.DEVNULL,
                                               stderr=subprocess.DEVNULL))
             try:
-                await until(lambda: len(coordinator.history) >= setting.rounds, 600, f"{setting.rounds} rounds")
+                await until(lambda: len(coordinator.history) >= setting.rounds and coordinator.history[-1]["val_loss"],
+                            600, f"{setting.rounds} rounds, the last evaluated")
             finally:
                 for p in procs:
                     p.kill()

@@ -11,9 +11,9 @@ import zstandard
 
 from hived.hive.aggregation import UpdateGuard, WeightedMean, squared_norm
 from hived.hive.keys import KeyStore, KeyStoreError
-from hived.protocol import (CHUNK_BYTES, INT8_BLOCK, PROTOCOL_VERSION, Ack, ErrorFeedback, Hello, ProtocolError, Update, Weights,
-                            Work, clean_text, decode, encode, pack, packed_nbytes, split,
-                            packed_ahead, tensor_frames, unpack)
+from hived.hive.compression import INT8_BLOCK, ErrorFeedback, MalformedTensor, pack, packed_nbytes, unpack
+from hived.hive.protocol import (CHUNK_BYTES, PROTOCOL_VERSION, Ack, Hello, ProtocolError, Update, Weights, Work,
+                                 clean_text, decode, encode, packed_ahead, split, tensor_frames)
 
 
 def test_every_message_round_trips():
@@ -84,9 +84,9 @@ def test_int8_error_is_within_half_a_step_of_each_blocks_scale():
 def test_tensor_bytes_must_match_the_shape():
     d = pack(torch.ones(10), "fp16")
     d["shape"] = [11]
-    with pytest.raises(ProtocolError, match="does not match"):
+    with pytest.raises(MalformedTensor, match="does not match"):
         unpack(d)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(MalformedTensor):
         unpack({"dtype": "int8", "shape": [4], "data": b"\x00" * 256})  # no scales
 
 

@@ -27,7 +27,7 @@ function smooth(points, alpha = 0.05) {
 function render() {
   const hive = run.step.length === 0 && run.round.length > 0;
   const train = hive ? run.round.map(p => [xOf(p), p.train_loss]) : run.step.map(p => [xOf(p), p.loss]);
-  const val = (hive ? run.round : run.eval).map(p => [xOf(p), p.val_loss]);
+  const val = run.eval.map(p => [xOf(p), p.val_loss]);  // a hive's are evaluated off the rounds' path, some skipped
   const xLabel = $("xaxis").selectedOptions[0].textContent;
   drawChart($("chart-loss"), [
     {name: "train", color: "#5aa9ff", opacity: 0.35, points: train, width: 1},
@@ -60,7 +60,8 @@ function renderHeader() {
     const r = recent.length > 1 ? (recent.at(-1).tokens - recent[0].tokens) / (recent.at(-1).time - recent[0].time) : NaN;
     $("rate").textContent = Number.isFinite(r) ? formatNumber(r) : "–";
     $("eta").textContent = "–";
-    $("losses").textContent = lastRound ? `${lastRound.train_loss.toFixed(3)} / ${lastRound.val_loss.toFixed(3)}` : "–";
+    const lastVal = run.eval[run.eval.length - 1];
+    $("losses").textContent = lastRound ? `${lastRound.train_loss.toFixed(3)} / ${lastVal ? lastVal.val_loss.toFixed(3) : "–"}` : "–";
   } else {
     const step = lastStep ? lastStep.step : (info.step || 0), total = info.steps;
     $("progress").textContent = total ? `${step} / ${total}` : String(step);
@@ -99,9 +100,10 @@ function renderHive(s) {
   if (!(s.peers || []).length) cells(peers, ["no peers connected", "", "", "", "", "", ""]);
   const rounds = $("rounds");
   rounds.replaceChildren();
+  const vals = new Map(run.eval.map(p => [p.step, p.val_loss]));  // a hive's evaluations are labelled by round
   for (const r of run.round.slice(-15).reverse()) {
     cells(rounds, [r.round, r.peers, r.accepted, r.clipped, r.rejected, r.late ?? 0, formatNumber(r.bytes_in),
-                   formatNumber(r.bytes_out), r.seconds, r.val_loss.toFixed(4)]);
+                   formatNumber(r.bytes_out), r.seconds, vals.has(r.round) ? vals.get(r.round).toFixed(4) : "–"]);
   }
 }
 

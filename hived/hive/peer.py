@@ -1,40 +1,35 @@
 """A hive peer: `hived join URL --key KEY`.
 
-It connects out over a WebSocket (so it works behind NAT), receives the model, tokenizer and
-config, then each round: loads the coordinator's weights, trains on the token windows it was
-sent with the same Trainer as `hived train`, and sends back its update, compressed with error
-feedback. Its inner optimizer state survives rounds and reconnections. Any disconnect is retried
-with exponential backoff and jitter; a refused key is final.
+It connects out over a WebSocket (so it works behind NAT), sends its key, and then drives a
+``Worker`` through the rounds: the coordinator's Welcome builds the model, its Weights load
+into it, its Work is trained on, and the update goes back compressed with error feedback (kept
+here, with the connection's side of the protocol). The worker's state survives rounds and
+reconnections. Any disconnect is retried with exponential backoff and jitter; a refused key is
+final.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import ssl
-import time
 from dataclasses import dataclass
 
 import aiohttp
-import numpy as np
 import torch
 
-from ..config import ModelConfig, TrainConfig, build
-from ..data import Windows
 from ..device import describe, pick_device
-from ..protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Ack, Bye, ErrorFeedback, Go, Hello, ProtocolError, Ready,
-                        Refused, Training, Update, Weights, Welcome, Work, decode, encode, packed_ahead, tensor_frames,
-                        unpack)
-from ..tokenizer import from_json
-from ..trainer import Trainer
+from .compression import ErrorFeedback
+from .protocol import (BAD_INPUT, MAX_FRAME_BYTES, PROTOCOL_VERSION, Ack, Bye, Go, Hello, Ready, Refused, Training,
+                       Update, Weights, Welcome, Work, decode, encode, packed_ahead, tensor_frames)
+from .worker import TrainerWorker, Worker
 
 log = logging.getLogger("hived.peer")
 
 
 class Refusal(Exception):
-    """The coordinator said no for good (a bad or revoked key, a dropped peer)."""
+    """The coordinator said no for good (a bad, revoked or banned key)."""
 
 
 @dataclass
@@ -48,87 +43,24 @@ class PeerOptions:
     ca_file: str | None = None  # trust this certificate (a self-signed coordinator's)
 
 
-class Peer:
-    def __init__(self, opts: PeerOptions):
+class HivePeer:
+    def __init__(self, opts: PeerOptions, worker: Worker | None = None):
         self.opts = opts
-        self.device = pick_device(opts.device)
-        self.trainer: Trainer | None = None
+        self.worker = worker or TrainerWorker(pick_device(opts.device))
         self.feedback: ErrorFeedback | None = None
-        self.mode = "diloco"  # set from the coordinator's Welcome
-        self.identity: str | None = None  # what the trainer was built for
         self.rounds = 0
         self.failures = 0  # connections in a row that ended before a Welcome: sets the backoff
-        self.loaded: set[str] = set()  # the parameters loaded from this round's weights
-
-    def _setup(self, welcome: Welcome) -> None:
-        identity = json.dumps([welcome.model_config, welcome.train_config, welcome.tokenizer, welcome.mode,
-                               welcome.compression], sort_keys=True)
-        if identity == self.identity:
-            return  # same hive after a reconnect: keep the inner optimizer and error feedback
-        cfg = build(TrainConfig, {**welcome.train_config, "device": str(self.device)}, "coordinator config")
-        model_cfg = build(ModelConfig, welcome.model_config, "coordinator model")
-        tok = from_json(welcome.tokenizer)
-        self.trainer = Trainer(model_cfg, cfg, Windows(np.zeros((1, model_cfg.block_size + 1), np.int64), 0), tok)
-        self.feedback = ErrorFeedback(welcome.compression)
-        self.mode = welcome.mode
-        self.identity = identity
-        log.info("joined: %s mode, %s updates, %s parameters on %s", welcome.mode, welcome.compression,
-                 f"{self.trainer.model.num_params():,}", self.device)
 
     def _receive(self, frame: bytes) -> object:
-        """Decode a frame and act on a Welcome (build the trainer) or Weights (load them into the
-        model): in a thread, so weights parts decode and load while the next ones arrive."""
+        """Decode a frame and act on a Welcome (build the model) or Weights (load them): in a
+        thread, so weights parts decode and load while the next ones arrive."""
         m = decode(frame)
         if isinstance(m, Welcome):
-            self._setup(m)
+            if self.worker.setup(m) or self.feedback is None:  # a new hive: what feedback held is moot
+                self.feedback = ErrorFeedback(m.compression)
         elif isinstance(m, Weights):
-            self.load(m)
+            self.worker.load(m)
         return m
-
-    def load(self, m: Weights) -> None:
-        """Copy one part of the coordinator's weights into the model, converting from the
-        precision they travelled in as it goes (runs in a thread; the model is idle between
-        rounds)."""
-        params = dict(self.trainer.model.named_parameters())
-        if m.part == 0:
-            self.loaded.clear()
-        with torch.no_grad():
-            for name, d in m.tensors.items():
-                t = unpack(d)
-                if name not in params or t.shape != params[name].shape:
-                    raise ProtocolError(f"weights do not match the model ({name})")
-                params[name].copy_(t)
-                self.loaded.add(name)
-
-    def work(self, work: Work) -> tuple[Update, dict[str, torch.Tensor]]:
-        """Train on one round's windows from the weights just loaded (runs in a thread). Returns
-        the update's header and its tensors, packed once the coordinator says go; ``seconds`` is
-        the training alone, so the coordinator can tell round overhead from compute."""
-        t0 = time.perf_counter()
-        trainer = self.trainer
-        params = dict(trainer.model.named_parameters())
-        if self.loaded != set(params):
-            raise ProtocolError("work arrived before the whole model")
-        rows = np.frombuffer(work.windows, dtype=np.dtype(work.dtype)).reshape(work.count, -1)
-        if rows.shape[1] != trainer.model_cfg.block_size + 1:
-            raise ProtocolError("work windows do not match the model's context")
-        trainer.data = Windows(rows, work.start)
-        trainer.cursor = work.start
-        trainer.step = work.first_step  # the coordinator drives the learning-rate schedule
-        if self.mode == "diloco":
-            start = {k: p.detach().clone() for k, p in params.items()}
-            losses = [trainer.train_step()["loss"] for _ in range(work.steps)]
-            delta = {k: start[k].sub_(p.detach()) for k, p in params.items()}  # start minus end, in place
-            loss = sum(losses) / len(losses)
-        else:
-            delta, loss = trainer.gradients()
-        seconds = time.perf_counter() - t0
-        tokens = work.count * trainer.model_cfg.block_size
-        if delta is None:  # a skipped step: an update that weighs nothing, so the round goes on
-            log.warning("round %d: the gradient was not finite; reporting no tokens", work.round + 1)
-            delta, tokens = {k: torch.zeros_like(p) for k, p in params.items()}, 0
-        log.info("round %d: loss %.4f, %.2f s of training", work.round + 1, loss, seconds)
-        return Update(work.round, 0, 0, tokens, loss, seconds), delta
 
     async def upload(self, ws: aiohttp.ClientWebSocketResponse, header: Update, delta: dict[str, torch.Tensor]) -> None:
         """Pack (with error feedback) and send the update a part at a time, packing off the event
@@ -142,7 +74,7 @@ class Peer:
         """One connection; True when the peer is done (max rounds reached)."""
         loop = asyncio.get_running_loop()
         await ws.send_bytes(encode(Hello(PROTOCOL_VERSION, self.opts.key, self.opts.name,
-                                         describe(self.device))))
+                                         describe(self.worker.device))))
         pending: tuple[Update, dict[str, torch.Tensor]] | None = None  # waiting for the coordinator's Go
         async for msg in ws:
             if msg.type != aiohttp.WSMsgType.BINARY:
@@ -157,7 +89,7 @@ class Peer:
                 return False
             if isinstance(m, Work):
                 await ws.send_bytes(encode(Training(m.round)))
-                pending = await loop.run_in_executor(None, self.work, m)
+                pending = await loop.run_in_executor(None, self.worker.work, m)
                 if m.go:
                     await self.upload(ws, *pending)
                     pending = None
@@ -191,7 +123,7 @@ class Peer:
                 except Refusal as exc:
                     log.error("refused by the coordinator: %s", exc)
                     return 1
-                except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError, ProtocolError) as exc:
+                except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError, *BAD_INPUT) as exc:
                     log.warning("connection lost: %s", exc or type(exc).__name__)
                 delay = min(self.opts.max_backoff, 0.5 * 2 ** self.failures) * random.uniform(0.5, 1.5)
                 self.failures = min(self.failures + 1, 16)

@@ -6,10 +6,8 @@ unpickled: msgpack decodes to plain maps, lists, numbers, strings and bytes, and
 checked against the dataclass it claims to be before use. Sizes are capped before and after
 decompression, so a hostile peer cannot make the daemon allocate more than the caps.
 
-Tensors travel as dtype + shape + bytes, as fp32, fp16, bf16, or blockwise int8 (one fp32 scale
-per block of ``INT8_BLOCK`` values). The sender of fp16, bf16 or int8 updates keeps what
-rounding or quantisation dropped and adds it to the next update (error feedback), so over rounds
-nothing is lost, only delayed.
+Tensors are packed by ``compression`` (fp32, fp16, bf16 or blockwise int8, with error
+feedback); this module splits a model's tensors into frames of about ``CHUNK_BYTES`` each.
 """
 
 from __future__ import annotations
@@ -18,25 +16,22 @@ import asyncio
 import dataclasses
 import functools
 import itertools
-import math
-import warnings
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgpack
-import numpy as np
 import torch
 import zstandard
+
+from .compression import MalformedTensor, pack, packed_nbytes
 
 PROTOCOL_VERSION = 2
 MAX_FRAME_BYTES = 64 << 20  # compressed, as received
 MAX_MESSAGE_BYTES = 256 << 20  # after decompression
 CHUNK_BYTES = 1 << 20  # tensor payload per frame: a connection buffers about one part (bench/hive.py --scale)
-INT8_BLOCK = 256
 MAX_TEXT = 64  # names and device strings from peers
-COMPRESSIONS = ("fp32", "fp16", "bf16", "int8")
 
 # Tensor payloads barely compress (fp16 or int8: 1.07-1.09x at level 1, for 3-4x the time of
 # level -1 both ways), so frames that carry them use zstd's fast level; small control frames
@@ -47,6 +42,9 @@ _ZSTD_SMALL, _ZSTD_BIG, _BIG = 3, -1, 64 << 10
 
 class ProtocolError(ValueError):
     """A frame that does not follow the protocol; the connection that sent it is closed."""
+
+
+BAD_INPUT = (ProtocolError, MalformedTensor)  # what a peer's malformed frame or tensor raises
 
 
 # ---------------------------------------------------------------------------- messages
@@ -201,126 +199,6 @@ def decode(frame: bytes) -> Any:
 def clean_text(text: str, limit: int = MAX_TEXT) -> str:
     """Untrusted text from a peer: printable characters only, length-limited."""
     return "".join(c for c in str(text) if c.isprintable())[:limit]
-
-
-# ------------------------------------------------------------------------- tensors
-
-
-def pack(t: torch.Tensor, compression: str = "fp32") -> dict:
-    """A tensor as a msgpack-friendly map; int8 is blockwise with a scale per block."""
-    return _quantize(t, compression, received=False)[0]
-
-
-def _quantize(t: torch.Tensor, compression: str, received: bool = True) -> tuple[dict, torch.Tensor | None]:
-    """The packed map, and (except for fp32, or without ``received``) the values the receiver
-    will decode, computed without a round trip through bytes (in half precision for fp16 and
-    bf16: arithmetic with float32 tensors promotes them as it goes). Only error feedback needs
-    them; for int8 they cost two more passes. The map holds views of the tensors' memory, not
-    copies: msgpack packs any buffer."""
-    t = t.detach().to("cpu", torch.float32).contiguous()
-    shape = list(t.shape)
-    if compression == "fp32":
-        return {"dtype": "fp32", "shape": shape, "data": _buffer(t)}, None
-    if compression == "fp16":
-        h = t.half()
-        return {"dtype": "fp16", "shape": shape, "data": _buffer(h)}, h
-    if compression == "bf16":
-        b = t.bfloat16()
-        return {"dtype": "bf16", "shape": shape, "data": _buffer(b.view(torch.int16))}, b
-    if compression == "int8":
-        flat = t.flatten()
-        pad = (-flat.numel()) % INT8_BLOCK
-        blocks = (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, INT8_BLOCK)
-        scale = blocks.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        q = (blocks / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-        back = (q.float() * scale[:, None]).flatten()[: flat.numel()].view(t.shape) if received else None
-        return {"dtype": "int8", "shape": shape, "data": _buffer(q), "scale": _buffer(scale)}, back
-    raise ValueError(f"unknown compression {compression!r}; use one of {', '.join(COMPRESSIONS)}")
-
-
-BUFFERS = (bytes, memoryview)  # msgpack decodes to bytes; pack() makes views
-
-
-def _buffer(t: torch.Tensor) -> memoryview:
-    """A contiguous CPU tensor's bytes, shared (the view keeps the tensor alive)."""
-    return memoryview(t.numpy()).cast("B")
-
-
-def unpack(d: Any) -> torch.Tensor:
-    """The inverse of ``pack``, checking that sizes agree before touching the bytes. For fp32,
-    fp16 and bf16 it is a read-only view of the received bytes in the precision they travelled
-    in: whoever reads it into float32 (a norm, a sum, the model) converts as it goes, with no
-    float32 copy of the whole tensor. int8 comes back dequantized."""
-    if not isinstance(d, dict) or not isinstance(d.get("shape"), list) or not isinstance(d.get("data"), BUFFERS):
-        raise ProtocolError("malformed tensor")
-    shape = d["shape"]
-    if not all(isinstance(s, int) and 0 <= s < 1 << 31 for s in shape) or len(shape) > 8:
-        raise ProtocolError("malformed tensor shape")
-    n = math.prod(shape)
-    kind = d.get("dtype")
-    itemsize = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}.get(kind)
-    if itemsize is None:
-        raise ProtocolError(f"unknown tensor dtype {kind!r}")
-    blocks = -(-n // INT8_BLOCK)
-    expected = blocks * INT8_BLOCK if kind == "int8" else n * itemsize
-    if len(d["data"]) != expected:
-        raise ProtocolError("tensor data does not match its shape")
-    if kind == "fp32":
-        out = _view(d["data"], np.float32)
-    elif kind == "fp16":
-        out = _view(d["data"], np.float16)
-    elif kind == "bf16":
-        out = _view(d["data"], np.int16).view(torch.bfloat16)
-    else:
-        scale = d.get("scale")
-        if not isinstance(scale, BUFFERS) or len(scale) != blocks * 4:
-            raise ProtocolError("int8 tensor has no valid scales")
-        q = _view(d["data"], np.int8).view(blocks, INT8_BLOCK)
-        out = (q.float() * _view(scale, np.float32)[:, None]).flatten()[:n]
-    return out.view(shape)
-
-
-# Received tensors are read-only views of the frame's bytes, and only ever read. Torch warns
-# about such views; the filter is set once here because ``warnings.catch_warnings`` around each
-# call is not thread-safe, and frames decode in several threads at once.
-warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
-
-
-def _view(data: bytes | memoryview, dtype) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(data, dtype=dtype))
-
-
-class ErrorFeedback:
-    """Sender-side memory of what compression dropped, added back into the next update.
-
-    With it, the sum of the tensors received tracks the sum of the true updates to within one
-    round's quantisation error, instead of drifting by every round's error.
-    """
-
-    def __init__(self, compression: str):
-        self.compression = compression
-        self.residual: dict[str, torch.Tensor] = {}
-
-    def pack(self, name: str, t: torch.Tensor) -> dict:
-        t = t.detach().float().cpu()
-        if self.compression == "fp32" or not math.isfinite(float(t.sum())):
-            # A NaN or Inf (the sum of any tensor holding one is one) is sent as it is, for the
-            # receiver to reject, and never folded into the residual: it would stay there.
-            return pack(t, self.compression)
-        # The residual becomes the target in place, then what the receiver will decode is taken
-        # off it in place: no temporaries the size of the tensor.
-        target = self.residual[name].add_(t) if name in self.residual else t.clone()
-        packed, received = _quantize(target, self.compression)
-        self.residual[name] = target.sub_(received)
-        return packed
-
-
-def packed_nbytes(numel: int, compression: str) -> int:
-    """Payload bytes of a tensor of ``numel`` values once packed."""
-    if compression == "int8":
-        blocks = -(-numel // INT8_BLOCK)
-        return blocks * INT8_BLOCK + 4 * blocks
-    return numel * {"fp32": 4, "fp16": 2, "bf16": 2}[compression]
 
 
 def split(numels: dict[str, int], compression: str, limit: int = CHUNK_BYTES) -> list[list[str]]:

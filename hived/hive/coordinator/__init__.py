@@ -1,0 +1,6 @@
+"""The hive coordinator, as a package: see ``core`` for how a round goes."""
+
+from .config import HiveConfig
+from .core import COORDINATOR, Coordinator, add_routes
+
+__all__ = ["COORDINATOR", "Coordinator", "HiveConfig", "add_routes"]

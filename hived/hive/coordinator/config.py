@@ -1,0 +1,44 @@
+"""A hive's settings, as `hived serve --role coordinator` takes them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...config import ConfigError
+from ..aggregation import STRATEGIES
+
+
+@dataclass
+class HiveConfig:
+    mode: str = "diloco"  # diloco | sync
+    aggregator: str = "mean"  # mean | trimmed-mean | centered-clip
+    inner_steps: int = 50
+    compression: str = "fp16"
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    round_timeout: float = 120.0
+    min_peers: int = 1
+    rounds: int = 0  # 0: until stopped
+    max_update_ratio: float = 1.0
+    clip_factor: float = 5.0
+    max_strikes: int = 3
+    upload_slots: int = 4  # updates received at once: bounds memory whatever the number of peers
+    send_slots: int = 16  # weight frames being sent at once, likewise
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("diloco", "sync"):
+            raise ConfigError("--mode is diloco or sync")
+        if self.aggregator not in STRATEGIES:
+            raise ConfigError(f"--aggregator is one of {', '.join(STRATEGIES)}")
+        if self.outer_lr <= 0 or not 0 <= self.outer_momentum < 1:
+            raise ConfigError("--outer-lr must be positive and --outer-momentum in [0, 1)")
+        if min(self.inner_steps, self.min_peers, self.upload_slots, self.send_slots, self.max_strikes) < 1:
+            raise ConfigError("--inner-steps, --min-peers, --upload-slots, --send-slots and --max-strikes must be "
+                              "at least 1")
+        if self.round_timeout <= 0 or self.max_update_ratio <= 0 or self.clip_factor <= 1:
+            raise ConfigError("--round-timeout and --max-update-ratio must be positive, --clip-factor above 1")
+
+    @property
+    def steps_per_round(self) -> int:
+        """Optimizer steps a peer takes in a round: its inner steps (diloco), or one (sync)."""
+        return self.inner_steps if self.mode == "diloco" else 1

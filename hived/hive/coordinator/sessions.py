@@ -1,0 +1,118 @@
+"""Connections and who is behind them: the login handshake, its rate limit, and each peer's
+session. One key is one participant: a key joins once at a time, and a banned key not at all."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aiohttp import WSMsgType, web
+
+from ..keys import KeyStore
+from ..protocol import PROTOCOL_VERSION, Hello, ProtocolError, Refused, clean_text, decode, encode
+
+if TYPE_CHECKING:
+    from .uploads import Upload
+
+log = logging.getLogger("hived.coordinator")
+HELLO_TIMEOUT = 15.0  # seconds a new connection has to say who it is
+
+
+@dataclass
+class PeerSession:
+    """One connected peer: its connection, the key it logged in with, and how it is doing."""
+
+    id: str
+    name: str  # what it calls itself (shown; the key's name is what counts)
+    key_name: str
+    device: str
+    address: str
+    ws: web.WebSocketResponse
+    state: str = "joined"  # joined | working | idle
+    joined: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+    rounds: int = 0
+    tokens: int = 0
+    tokens_per_sec: float = 0.0
+    upload: Upload | None = None  # the update being received, part by part
+    sent_at: float = 0.0
+
+
+class LoginLimiter:
+    """Per-address rate limit on failed logins, holding at most ``max_addresses`` addresses (the
+    least recently failed are forgotten first), so that strangers cannot grow it without end."""
+
+    def __init__(self, limit: int = 5, window: float = 60.0, max_addresses: int = 10_000):
+        self.limit, self.window, self.max_addresses = limit, window, max_addresses
+        self.failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def blocked(self, address: str) -> float:
+        """Seconds until ``address`` may try again (0: now)."""
+        times = self.failures.get(address)
+        if times is None:
+            return 0.0
+        while times and times[0] < time.time() - self.window:
+            times.popleft()
+        if not times:
+            del self.failures[address]
+            return 0.0
+        return times[0] + self.window - time.time() if len(times) >= self.limit else 0.0
+
+    def fail(self, address: str) -> None:
+        self.failures.setdefault(address, deque(maxlen=self.limit)).append(time.time())
+        self.failures.move_to_end(address)
+        while len(self.failures) > self.max_addresses:
+            self.failures.popitem(last=False)
+
+
+async def refuse(ws: web.WebSocketResponse, reason: str, final: bool = False) -> None:
+    """Tell the peer why, then close: 4001 for good (do not retry), 4002 for now."""
+    await ws.send_bytes(encode(Refused(reason, final)))
+    await ws.close(code=4001 if final else 4002, message=reason.encode()[:120])
+
+
+async def admit(ws: web.WebSocketResponse, address: str, limiter: LoginLimiter, keys: KeyStore,
+                connected: Iterable[PeerSession]) -> PeerSession | None:
+    """Read the Hello and check the version and the key; the new session, or None once the
+    connection has been refused and closed."""
+    wait = limiter.blocked(address)
+    if wait:
+        await refuse(ws, f"too many failed attempts from {address}; try again in {wait:.0f} s")
+        return None
+    try:
+        msg = await ws.receive(timeout=HELLO_TIMEOUT)
+        hello = decode(msg.data) if msg.type == WSMsgType.BINARY else None
+        if not isinstance(hello, Hello):
+            raise ProtocolError("the first frame must be a Hello")
+    except (ProtocolError, asyncio.TimeoutError) as exc:
+        await ws.close(code=1002, message=f"protocol error: {exc}".encode()[:120])
+        return None
+    if hello.version != PROTOCOL_VERSION:
+        await refuse(ws, f"protocol version {hello.version} is not {PROTOCOL_VERSION}; install the same "
+                         "hived version as the coordinator", final=True)
+        return None
+    key_name = keys.verify(hello.key)
+    if key_name is None:
+        limiter.fail(address)
+        log.warning("refused a peer from %s: unknown or revoked key", address)
+        await refuse(ws, "unknown or revoked key; ask the coordinator's operator for a key "
+                         "(`hived keys add NAME`)", final=True)
+        return None
+    banned = keys.banned(key_name)
+    if banned:
+        await refuse(ws, f"key {key_name} is banned ({banned}); the coordinator's operator can lift "
+                         f"the ban with `hived keys unban {key_name}`", final=True)
+        return None
+    other = next((p for p in connected if p.key_name == key_name and not p.ws.closed), None)
+    if other is not None:  # one key, one participant: its weight and its strikes are not multiplied
+        await refuse(ws, f"key {key_name} is already connected (from {other.address}); each key joins "
+                         "once: ask the operator for a key per machine (`hived keys add NAME`)")
+        return None
+    return PeerSession(secrets.token_hex(4), clean_text(hello.name) or key_name, key_name,
+                       clean_text(hello.device), address, ws)

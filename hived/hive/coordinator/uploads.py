@@ -1,0 +1,55 @@
+"""Updates as they arrive: decoded a frame at a time off the event loop, with what the guard
+needs to judge them whole (their shapes and their norm, summed part by part)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..aggregation import squared_norm
+from ..compression import unpack
+from ..protocol import Update, decode
+
+if TYPE_CHECKING:
+    from .rounds import Round
+
+
+@dataclass
+class Upload:
+    """An update arriving in parts. Its squared norm is summed part by part as the parts are
+    decoded, and each part goes into its round's aggregator as it arrives, off the event loop,
+    for as long as the update could still be accepted; it is judged whole once complete."""
+
+    round: int
+    parts: int
+    rnd: Round | None  # the round it reports to (None: no round was open for it)
+    tokens: int  # the tokens behind it (its weight), capped at what its peer was given
+    shapes: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
+    seen: set[int] = field(default_factory=set)
+    squared_norm: float = 0.0
+    bytes: int = 0
+    summing: bool = True  # every part so far went into the aggregator
+    adding: asyncio.Future | None = None  # the last part's add, not yet done
+
+
+Part = list[tuple[str, torch.Tensor, Any]]  # (name, tensor as received, its packed form)
+
+
+def decode_frame(frame: bytes, shapes: dict[str, tuple[int, ...]]) -> tuple[Any, Part, float]:
+    """A frame's message and, for an update part, the tensors the model has (name, float32,
+    packed) and their squared norm. Converted once, for both the norm and the sum; anything
+    else is left for the guard to reject, never unpacked."""
+    m = decode(frame)
+    if not isinstance(m, Update):
+        return m, [], 0.0
+    known = [(name, unpack(d).float(), d) for name, d in m.tensors.items() if declared_shape(d) == shapes.get(name)]
+    return m, known, squared_norm(t for _, t, _ in known)
+
+
+def declared_shape(packed: Any) -> tuple[int, ...] | None:
+    """The shape a packed tensor declares (None if it declares none)."""
+    shape = packed.get("shape") if isinstance(packed, dict) else None
+    return tuple(shape) if isinstance(shape, list) else None
