@@ -21,6 +21,7 @@ since these machines differ from session to session (the target, 0.08 s against 
         --outer-lr 1.0 --outer-momentum 0 --lr 2.8e-3 --seeds 1337 1 2
     python bench/hive.py --scale 8 64 256
     python bench/hive.py --floor
+    python bench/hive.py --eval-path ../shared/data/tinyshakespeare.txt --rounds 8 --eval-tokens 65536
     python bench/hive.py --pieces [--compressions fp16]
 
 --scale runs one coordinator (10m preset, int8) against N simulated peers (asyncio connections
@@ -157,7 +158,8 @@ def run_hive(serve_args: list[str], rounds: int, peers: int, timeout: float = 18
                       for i in range(peers)]
             deadline = time.time() + timeout
             start = None  # (rounds done, CPU seconds of each process) once the warmup is over
-            while (s := status(port)) is None or len(s["history"]) < rounds:
+            # the last round is always evaluated, off the rounds' path: wait for that too
+            while (s := status(port)) is None or len(s["history"]) < rounds or s["history"][-1]["val_loss"] is None:
                 if time.time() > deadline:
                     raise TimeoutError(f"{rounds} rounds did not finish in {timeout:.0f} s")
                 if start is None and s is not None and len(s["history"]) >= warmup:
@@ -227,6 +229,25 @@ def convergence(data: str, rounds: int, sync_rounds: int, inner: int, outer_lr: 
     for name, s in (("diloco", hive), ("sync", sync)):
         print(f"{name}: {(s['bytes_in'] + s['bytes_out']) / s['tokens']:,.1f} bytes on the wire per token trained "
               f"({s['compression']})")
+
+
+def eval_path(data: str, rounds: int, eval_tokens: int, threads: int | None) -> None:
+    """Whether evaluation delays the rounds: the 10m preset with two peers taking one tiny step a
+    round (so a round is mostly communication), evaluated every round on ``eval_tokens`` held-out
+    tokens, against the same hive evaluated only after its last round; alternated pairs."""
+    common = ["--data", data, "--preset", "10m", "--inner-steps", "1", "--batch-size", "1",
+              "--eval-tokens", str(eval_tokens)]
+    print(f"{cpu_model()}, {os.cpu_count()} cores; 10m preset, 2 peers, {rounds} rounds, eval on {eval_tokens:,} "
+          "tokens; median seconds a round, start to start")
+    for pair in range(2):
+        for label, interval in (("every round", "1"), ("last round only", "1000000")):
+            t0 = time.time()
+            s = run_hive([*common, "--eval-interval", interval], rounds, 2, threads=threads)
+            hist = s["history"]
+            start_to_start = statistics.median(r["seconds"] + r["between"] for r in hist[1:])
+            evaluated = sum(r["val_loss"] is not None for r in hist)
+            print(f"pair {pair + 1}, eval {label:15s}: {start_to_start:6.2f} s a round ({evaluated} of {len(hist)} "
+                  f"rounds evaluated, {time.time() - t0:.0f} s in all)", flush=True)
 
 
 async def simulate(url: str, key: str, n: int) -> None:
@@ -493,7 +514,11 @@ def main() -> None:
     p.add_argument("--scale", type=int, nargs="+", metavar="N", help="simulated peer counts")
     p.add_argument("--floor", action="store_true", help="time the WebSocket transport alone for one round's bytes")
     p.add_argument("--pieces", action="store_true", help="time each piece of a round alone, in one process")
+    p.add_argument("--eval-path", metavar="CORPUS", help="10m preset: rounds evaluated every round against never")
+    p.add_argument("--eval-tokens", type=int, default=1 << 20, help="--eval-path: held-out tokens an evaluation reads")
     args = p.parse_args()
+    if args.eval_path:
+        return eval_path(args.eval_path, args.rounds, args.eval_tokens, args.threads)
     if args.pieces:
         return pieces(args.compressions[0] if len(args.compressions) == 1 else "fp16")
     if args.floor:

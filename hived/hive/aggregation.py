@@ -116,6 +116,7 @@ class HeldUpdates:
         self.expand = expand
         self.pending: dict[Hashable, tuple[float, list[tuple[str, Any]]]] = {}
         self.held: list[tuple[float, float, dict[str, Any]]] = []  # weight, scale, name → kept
+        self.keys: list[Hashable] = []  # whose each held update is
         self.closed = False
         self.count = 0
 
@@ -128,6 +129,7 @@ class HeldUpdates:
             weight, kept = self.pending.pop(key)
             if weight > 0:
                 self.held.append((weight, scale, dict(kept)))
+                self.keys.append(key)
                 self.count += 1
 
     def discard(self, key: Hashable) -> None:
@@ -138,6 +140,8 @@ class HeldUpdates:
         self.closed = True
         if not self.held:
             return None
+        # in the order of their keys, not of their arrival: the same updates give the same result
+        self.held = [h for _, h in sorted(zip(map(str, self.keys), self.held), key=lambda kh: kh[0])]
         out = self.combine()
         self.held.clear()
         return out

@@ -137,14 +137,12 @@ class Coordinator:
         cfg.update(data=[], out="", resume=False, device="auto", cache_dir="", compile=False)
         return cfg
 
-    def _work(self, rnd: int, count: int, go: bool) -> Work:
+    def _work(self, rnd: int, start: int, count: int, go: bool) -> Work:
         data = self.trainer.data
-        rows = data.train[data.offsets(self.cursor, count)[:, None] + np.arange(data.block_size + 1)]
+        rows = data.train[data.offsets(start, count)[:, None] + np.arange(data.block_size + 1)]
         steps = self.hive.steps_per_round
-        work = Work(round=rnd, start=self.cursor, count=count, dtype=rows.dtype.name, windows=rows.tobytes(),
+        return Work(round=rnd, start=start, count=count, dtype=rows.dtype.name, windows=rows.tobytes(),
                     steps=steps, first_step=rnd * steps, go=go)
-        self.cursor += count
-        return work
 
     async def run_rounds(self) -> None:
         """Rounds back to back. Each applied round is recorded at once; every ``--eval-interval``
@@ -153,7 +151,9 @@ class Coordinator:
         ``--checkpoint-interval`` rounds the state is checkpointed, likewise in the background."""
         self.events.emit("weights", model=self.model, tokenizer=self.trainer.tokenizer, label=f"round {self.round}")
         while self.hive.rounds == 0 or self.round < self.hive.rounds:
-            ready = [p for p in self.peers.values() if not p.ws.closed]
+            # in the order of their keys, so that who trains on which windows does not depend on
+            # who connected first: a hive with the same peers is reproducible
+            ready = sorted((p for p in self.peers.values() if not p.ws.closed), key=lambda p: p.key_name)
             if len(ready) < max(1, self.hive.min_peers):
                 self.evaluator.start()  # no round to overlap it with
                 self.changed.clear()
@@ -194,6 +194,8 @@ class Coordinator:
                     self.strategy.round(), model_norm=model_norm(self.params))
         rnd.between = rnd.started - self.last_closed if self.last_closed else 0.0
         self.current = rnd
+        starts = {p.id: self.cursor + i * per_peer for i, p in enumerate(peers)}  # disjoint windows each
+        self.cursor += len(peers) * per_peer
         # The weights are packed a few parts ahead of the first peer that needs them; every peer
         # gets the same frames, so the model is packed once a round whatever the number of peers.
         parts = packed_ahead(tensor_frames(Weights(self.round, 0, 0), {k: p.data for k, p in self.params.items()},
@@ -220,7 +222,7 @@ class Coordinator:
                     i += 1
                 if go:
                     rnd.uploading.add(peer.id)
-                work = encode(self._work(rnd.number, per_peer, go))
+                work = encode(self._work(rnd.number, starts[peer.id], per_peer, go))
                 await peer.ws.send_bytes(work)
                 rnd.bytes_out += len(work)
                 peer.state, peer.sent_at = "working", time.time()
@@ -378,7 +380,7 @@ class Coordinator:
         up = peer.upload
         if up is None or (up.round, up.parts) != (m.round, m.parts):
             if up is not None and up.rnd is not None:  # an upload started over: the old one's parts come out
-                self._aggregate(up.rnd, up.rnd.agg.discard, peer.id)
+                self._aggregate(up.rnd, up.rnd.agg.discard, peer.key_name)
             counts = (rnd is not None and m.round == rnd.number and peer.id in rnd.expected
                       and peer.id not in rnd.reported)
             up = peer.upload = Upload(m.round, m.parts, rnd if counts else None,
@@ -402,10 +404,10 @@ class Coordinator:
                     and self.guard.admissible(math.sqrt(up.squared_norm), rnd.model_norm)):
                 # Weighted by the share of its work it did: 1.0 for a whole round's, so one peer's
                 # update passes through the mean exactly, and equal peers' by powers of two.
-                up.adding = self._aggregate(rnd, rnd.agg.add, peer.id, part, up.tokens / rnd.assigned[peer.id])
+                up.adding = self._aggregate(rnd, rnd.agg.add, peer.key_name, part, up.tokens / rnd.assigned[peer.id])
             else:  # it can no longer be accepted (or its round closed): what was added comes out
                 up.summing = False
-                self._aggregate(up.rnd, up.rnd.agg.discard, peer.id)
+                self._aggregate(up.rnd, up.rnd.agg.discard, peer.key_name)
         del part
         if len(up.seen) < up.parts:
             return
@@ -438,12 +440,12 @@ class Coordinator:
         scale, status, detail = self.guard.check(up.shapes, math.sqrt(up.squared_norm), rnd.model_norm)
         rnd.reported.add(peer.id)
         if scale is None:
-            self._aggregate(rnd, rnd.agg.discard, peer.id)
+            self._aggregate(rnd, rnd.agg.discard, peer.key_name)
             rnd.rejected += 1
             self.rejected += 1
             log.warning("rejected an update from %s: %s", peer.name, detail)
         else:
-            self._aggregate(rnd, rnd.agg.commit, peer.id, scale)
+            self._aggregate(rnd, rnd.agg.commit, peer.key_name, scale)
             tokens = up.tokens
             rnd.clipped += status == "clipped"
             rnd.credits.append((peer, m.loss if math.isfinite(m.loss) else 0.0, tokens))
