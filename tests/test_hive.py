@@ -16,16 +16,15 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from hived import checkpoint
 from hived.config import resolve
 from hived.device import describe, pick_device
 from hived.hive.aggregation import WeightedMean
-from hived.hive.coordinator import Coordinator, HiveConfig, add_routes
+from hived.hive.coordinator import Coordinator, HiveConfig
 from hived.hive.keys import KeyStore
 
-from conftest import free_port, hived
+from conftest import free_port, hived, join, serving, until
 
 HERE = Path(__file__).parent
 FAST = ["--batch-size", "4", "--eval-tokens", "4096", "--warmup-steps", "2", "--lr", "0.003"]
@@ -386,24 +385,14 @@ def test_a_failure_while_summing_drops_that_round_and_the_rounds_go_on(tmp_path,
     connections: set[str] = set()
 
     async def hive() -> None:
-        app = web.Application()
-        add_routes(app, coordinator)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        peer = subprocess.Popen([sys.executable, "-m", "hived.cli", "join", f"ws://127.0.0.1:{port}", "--key", key,
-                                 "--name", "p"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.time() + 120
-            while len(coordinator.history) < 2:
-                assert time.time() < deadline, "the rounds stopped"
-                connections.update(coordinator.peers)
-                await asyncio.sleep(0.05)
-        finally:
-            peer.kill()
-            peer.wait()
-            await runner.cleanup()
+        async with serving(coordinator) as url:
+            peer = join(url, key, "p", env)
+            try:
+                await until(lambda: connections.update(coordinator.peers) or len(coordinator.history) >= 2, 120,
+                            "two rounds (the rounds stopped?)")
+            finally:
+                peer.kill()
+                peer.wait()
 
     with caplog.at_level("ERROR", logger="hived.coordinator"):
         asyncio.run(hive())

@@ -18,10 +18,11 @@ def test_a_restarted_coordinator_keeps_its_tokenizer_when_the_corpus_changed(tmp
     corpus.write_text(make_corpus())
     first = Coordinator(resolve({"preset": "1m", "data": [str(corpus)]}), HiveConfig(), tmp_path / "state")
     first.round = 3
+    first.strikes = {"mallory": 2}  # strikes outlive a restart, as the bans in keys.json do
     first.save()
     corpus.write_text(make_corpus() + "Zebras § quietly\n")  # characters the saved tokenizer never saw
     again = Coordinator(resolve({"preset": "1m", "data": [str(corpus)]}), HiveConfig(), tmp_path / "state")
-    assert again.round == 3
+    assert again.round == 3 and again.strikes == {"mallory": 2}
     assert again.trainer.tokenizer.to_json() == first.trainer.tokenizer.to_json()
     for name, weights in again.model.state_dict().items():
         assert weights.equal(first.model.state_dict()[name])

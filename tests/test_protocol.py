@@ -168,6 +168,9 @@ def test_update_guard():
     assert guard.admissible(10.0, 10.0) and not guard.admissible(10.1, 10.0) and not guard.admissible(math.nan, 10.0)
     scale, status, _ = guard.check({"w": (2,)}, 5.0, 10.0)  # 50x the median: clipped to 5x
     assert status == "clipped" and scale == pytest.approx(0.1)
+    for _ in range(10):  # clipped norms stay out of the median: the limit does not creep up
+        assert guard.check({"w": (2,)}, 5.0, 10.0)[1] == "clipped"
+    assert list(guard.norms) == [0.1] * 3
     assert squared_norm([torch.tensor([3.0]), torch.tensor([4.0])]) == pytest.approx(25.0)
 
 
