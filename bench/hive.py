@@ -139,7 +139,7 @@ def run_hive(serve_args: list[str], rounds: int, peers: int, timeout: float = 18
     after) to the end (NaN if no round ended in between)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        key = KeyStore(tmp / "state").add("bench")
+        store = KeyStore(tmp / "state")
         (tmp / "run.toml").write_text(MODEL)
         port = free_port()
         env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache")}
@@ -153,7 +153,8 @@ def run_hive(serve_args: list[str], rounds: int, peers: int, timeout: float = 18
                 if procs[0].poll() is not None:
                     raise RuntimeError("the coordinator did not start")
                 time.sleep(0.2)
-            procs += [subprocess.Popen([*CLI, "join", f"ws://127.0.0.1:{port}", "--key", key, "--name", f"p{i}",
+            procs += [subprocess.Popen([*CLI, "join", f"ws://127.0.0.1:{port}", "--key", store.add(f"p{i}"),
+                                        "--name", f"p{i}",
                                         "--max-rounds", str(rounds), *share], env=env, stderr=subprocess.DEVNULL)
                       for i in range(peers)]
             deadline = time.time() + timeout
@@ -231,7 +232,7 @@ def convergence(data: str, rounds: int, sync_rounds: int, inner: int, outer_lr: 
               f"({s['compression']})")
 
 
-def eval_path(data: str, rounds: int, eval_tokens: int, threads: int | None) -> None:
+def eval_path(data: str, rounds: int, eval_tokens: int, threads: int | None, pairs: int) -> None:
     """Whether evaluation delays the rounds: the 10m preset with two peers taking one tiny step a
     round (so a round is mostly communication), evaluated every round on ``eval_tokens`` held-out
     tokens, against the same hive evaluated only after its last round; alternated pairs."""
@@ -239,7 +240,7 @@ def eval_path(data: str, rounds: int, eval_tokens: int, threads: int | None) -> 
               "--eval-tokens", str(eval_tokens)]
     print(f"{cpu_model()}, {os.cpu_count()} cores; 10m preset, 2 peers, {rounds} rounds, eval on {eval_tokens:,} "
           "tokens; median seconds a round, start to start")
-    for pair in range(2):
+    for pair in range(pairs):
         for label, interval in (("every round", "1"), ("last round only", "1000000")):
             t0 = time.time()
             s = run_hive([*common, "--eval-interval", interval], rounds, 2, threads=threads)
@@ -250,8 +251,9 @@ def eval_path(data: str, rounds: int, eval_tokens: int, threads: int | None) -> 
                   f"rounds evaluated, {time.time() - t0:.0f} s in all)", flush=True)
 
 
-async def simulate(url: str, key: str, n: int) -> None:
-    """N light peers: real connections and real protocol, precomputed updates."""
+async def simulate(url: str, key_file: str, n: int) -> None:
+    """N light peers, each with a key of its own (one a line of ``key_file``): real connections
+    and real protocol, precomputed updates."""
     import aiohttp
     import torch
 
@@ -260,6 +262,7 @@ async def simulate(url: str, key: str, n: int) -> None:
     from hived.hive.protocol import (MAX_FRAME_BYTES, PROTOCOL_VERSION, Go, Hello, Ready, Update, Welcome, Work,
                                      decode, encode, tensor_frames)
 
+    keys = Path(key_file).read_text().split()
     update: dict = {}  # the precomputed update, the same for every peer
     compression: list[str] = []
     cache: dict[int, list[bytes]] = {}  # its frames for the current round, encoded once
@@ -272,7 +275,7 @@ async def simulate(url: str, key: str, n: int) -> None:
 
     async def peer(i: int, http: aiohttp.ClientSession) -> None:
         async with http.ws_connect(url + "/ws/peer", max_msg_size=MAX_FRAME_BYTES, heartbeat=None) as ws:
-            await ws.send_bytes(encode(Hello(PROTOCOL_VERSION, key, f"sim{i}", "simulated")))
+            await ws.send_bytes(encode(Hello(PROTOCOL_VERSION, keys[i], f"sim{i}", "simulated")))
             async for msg in ws:
                 if len(msg.data) > 64 << 10:
                     continue  # a weights part (control frames are far smaller): not needed here
@@ -463,7 +466,8 @@ def scale(counts: list[int], rounds: int) -> None:
     for n in counts:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            key = KeyStore(tmp / "state").add("bench")
+            store = KeyStore(tmp / "state")
+            (tmp / "keys").write_text("\n".join(store.add(f"sim{i}") for i in range(n)))
             port = free_port()
             env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache")}
             coord = subprocess.Popen([*CLI, "serve", "--state-dir", str(tmp / "state"), "--port", str(port),
@@ -476,7 +480,8 @@ def scale(counts: list[int], rounds: int) -> None:
                 while status(port) is None:
                     time.sleep(0.2)
                 before = peak_rss_mb(coord.pid)
-                sim = subprocess.Popen([sys.executable, __file__, "--simulate", f"ws://127.0.0.1:{port}", key, str(n)],
+                sim = subprocess.Popen([sys.executable, __file__, "--simulate", f"ws://127.0.0.1:{port}", str(tmp / "keys"),
+                                        str(n)],
                                        env=env, stderr=subprocess.DEVNULL)
                 deadline = time.time() + 1800
                 while (s := status(port)) is None or len(s["history"]) < rounds:
@@ -516,9 +521,10 @@ def main() -> None:
     p.add_argument("--pieces", action="store_true", help="time each piece of a round alone, in one process")
     p.add_argument("--eval-path", metavar="CORPUS", help="10m preset: rounds evaluated every round against never")
     p.add_argument("--eval-tokens", type=int, default=1 << 20, help="--eval-path: held-out tokens an evaluation reads")
+    p.add_argument("--pairs", type=int, default=2, help="--eval-path: alternated pairs of runs")
     args = p.parse_args()
     if args.eval_path:
-        return eval_path(args.eval_path, args.rounds, args.eval_tokens, args.threads)
+        return eval_path(args.eval_path, args.rounds, args.eval_tokens, args.threads, args.pairs)
     if args.pieces:
         return pieces(args.compressions[0] if len(args.compressions) == 1 else "fp16")
     if args.floor:

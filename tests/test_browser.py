@@ -100,7 +100,7 @@ def test_peer_names_show_as_text(browser, tmp_path, env, corpus):
     evil = "<img src=x onerror=alert(1)>"
     hive = Hive(tmp_path, env, corpus, "--inner-steps", "2")
     try:
-        hive.join(name=evil)
+        hive.join(name=evil, key="evil")
         hive.wait(lambda s: s["round"] >= 1, timeout=120)
         page = browser.new_page()
         dialogs: list[str] = []

@@ -60,10 +60,10 @@ class Hive:
             self.keys[name] = KeyStore(self.state).add(name)
         return self.keys[name]
 
-    def join(self, *args: str, name: str = "peer") -> subprocess.Popen:
-        """A peer with a key of its own, named as it is."""
-        return self.spawn(sys.executable, "-m", "hived.cli", "join", self.url, "--key", self.key(name), "--name", name,
-                          *args, log=f"{name}.log")
+    def join(self, *args: str, name: str = "peer", key: str | None = None) -> subprocess.Popen:
+        """A peer with a key of its own (named ``key``, or as the peer is)."""
+        return self.spawn(sys.executable, "-m", "hived.cli", "join", self.url, "--key", self.key(key or name),
+                          "--name", name, *args, log=f"{key or name}.log")
 
     def status(self) -> dict | None:
         try:
