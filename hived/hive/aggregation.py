@@ -1,9 +1,11 @@
-"""Combining peers' updates: the aggregation strategy and the guard in front of it.
+"""Combining peers' updates: the aggregation strategies and the guard in front of them.
 
-Kept apart from the transport so strategies can be swapped and tested on tensors alone. The
-aggregator keeps a running weighted sum, so the coordinator's memory grows with the model, not
-with the number of peers. Updates are summed a part at a time as they arrive, before they can be
-judged whole, so an aggregator can take an update back out.
+Kept apart from the transport (as Flower's strategies know nothing of sockets) so strategies can
+be swapped and tested on tensors alone. Updates are fed a part at a time as they arrive, before
+they can be judged whole, so an aggregator can take an update back out. The mean keeps a running
+weighted sum, so the coordinator's memory grows with the model, not with the number of peers;
+the robust strategies (centered clipping, trimmed mean) need every update at once and hold them
+as they travelled, compressed, until the round closes.
 """
 
 from __future__ import annotations

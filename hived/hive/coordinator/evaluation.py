@@ -36,13 +36,11 @@ class Evaluator:
         self.running: asyncio.Future | None = None
         self.running_round = 0
         self.published = 0.0  # when the chat last got a copy of the weights (time.monotonic)
-        self.skipped = 0
 
     def due(self, record: dict[str, Any], model: torch.nn.Module) -> None:
         """Evaluate ``model`` as it is now, for the round ``record`` describes, when the cores
         are free (``start``); the record gets its ``val_loss`` then."""
         if self.waiting is not None:
-            self.skipped += 1
             log.info("round %d: not evaluated (round %d's evaluation was still running)",
                      self.waiting[0]["round"], self.running_round)
         self.waiting = record, {k: v.detach().clone() for k, v in model.state_dict().items()}
