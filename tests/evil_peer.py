@@ -16,7 +16,7 @@ import time
 import torch
 
 from hived.device import pick_device
-from hived.hive.aggregation import squared_norm
+from hived.hive.aggregation import model_norm
 from hived.hive.peer import HivePeer, PeerOptions
 from hived.hive.protocol import Work
 from hived.hive.worker import TrainerWorker
@@ -51,7 +51,7 @@ class EvilWorker(TrainerWorker):
         if self.kind == "shrink":  # start - end = a x start: the end weights are the start's, shrunk
             params = dict(self.trainer.model.named_parameters())
             start = {name: params[name].detach() + t for name, t in delta.items()}
-            ratio = 3 * squared_norm(delta.values()) ** 0.5 / squared_norm(start.values()) ** 0.5
+            ratio = 3 * model_norm(delta) / model_norm(start)
             return header, {name: ratio * t for name, t in start.items()}
         if self.kind == "tail":
             last = list(delta)[-1]

@@ -183,6 +183,12 @@ def test_keys_are_stored_hashed_and_revocable(tmp_path):
         store.add("alice")
     with pytest.raises(KeyStoreError):
         store.add("bad name!")
+    store.ban("alice", "3 bad updates")
+    assert store.check(key) == ("alice", "3 bad updates") and store.names()["alice"]["banned"] == "3 bad updates"
+    store.unban("alice")
+    assert store.check(key) == ("alice", None)
+    with pytest.raises(KeyStoreError, match="not banned"):
+        store.unban("alice")
     store.revoke("alice")
     assert store.verify(key) is None and store.names() == {}
 

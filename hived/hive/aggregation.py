@@ -117,8 +117,7 @@ class HeldUpdates:
     def __init__(self, expand: Callable[[Any], torch.Tensor] = lambda t: t) -> None:
         self.expand = expand
         self.pending: dict[Hashable, tuple[float, list[tuple[str, Any]]]] = {}
-        self.held: list[tuple[float, float, dict[str, Any]]] = []  # weight, scale, name → kept
-        self.keys: list[Hashable] = []  # whose each held update is
+        self.held: list[tuple[str, float, float, dict[str, Any]]] = []  # key, weight, scale, name → kept
         self.closed = False
         self.count = 0
 
@@ -130,8 +129,7 @@ class HeldUpdates:
         if key in self.pending:
             weight, kept = self.pending.pop(key)
             if weight > 0:
-                self.held.append((weight, scale, dict(kept)))
-                self.keys.append(key)
+                self.held.append((str(key), weight, scale, dict(kept)))
                 self.count += 1
 
     def discard(self, key: Hashable) -> None:
@@ -143,14 +141,14 @@ class HeldUpdates:
         if not self.held:
             return None
         # in the order of their keys, not of their arrival: the same updates give the same result
-        self.held = [h for _, h in sorted(zip(map(str, self.keys), self.held), key=lambda kh: kh[0])]
+        self.held.sort(key=lambda h: h[0])
         out = self.combine()
         self.held.clear()
         return out
 
     def values(self, name: str) -> Iterator[tuple[float, torch.Tensor]]:
         """Each held update's ``name`` tensor in float32, scaled as committed, with its weight."""
-        for weight, scale, kept in self.held:
+        for _, weight, scale, kept in self.held:
             yield weight, self.expand(kept[name]).to(torch.float32, copy=True).mul_(scale)  # a view of bytes held
 
     def combine(self) -> Tensors:
@@ -175,10 +173,10 @@ class CenteredClip(HeldUpdates):
         self.radii: list[float] = []  # each iteration's, for the log and the tests
 
     def combine(self) -> Tensors:
-        names = list(self.held[0][2])
-        total = sum(w for w, _, _ in self.held)
+        names = list(self.held[0][3])
+        total = sum(w for _, w, _, _ in self.held)
         v = {name: self.center[name].float().clone() if name in self.center
-             else torch.zeros(self.expand(self.held[0][2][name]).shape) for name in names}
+             else torch.zeros(self.expand(self.held[0][3][name]).shape) for name in names}
         for _ in range(self.max_iterations):
             squared = [0.0] * len(self.held)
             for name in names:
@@ -216,7 +214,7 @@ class TrimmedMean(HeldUpdates):
         n = len(self.held)
         trim = min((n - 1) // 2, math.ceil(self.fraction * n))
         out: Tensors = {}
-        for name in self.held[0][2]:
+        for name in self.held[0][3]:
             stacked = torch.stack([x for _, x in self.values(name)])
             if trim:
                 stacked = stacked.sort(dim=0).values[trim:n - trim]

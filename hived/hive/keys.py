@@ -82,15 +82,17 @@ class KeyStore:
             raise KeyStoreError(f"key {name!r} is not banned")
         self._save(keys)
 
-    def banned(self, name: str) -> str | None:
-        """Why the key is banned, or None."""
-        return self._load().get(name, {}).get("banned")
-
     def verify(self, key: str) -> str | None:
-        """The key's name, or None. Reads the file each time so revocations apply at once."""
+        """The key's name, or None."""
+        return self.check(key)[0]
+
+    def check(self, key: str) -> tuple[str | None, str | None]:
+        """The key's name (or None) and why it is banned (or None), from one read of the file:
+        it is read each time, so revocations and bans apply at once."""
         digest = _digest(key)
         found = None
-        for name, entry in self._load().items():
+        keys = self._load()
+        for name, entry in keys.items():
             if hmac.compare_digest(digest, entry["sha256"]):
                 found = name
-        return found
+        return found, keys[found].get("banned") if found else None

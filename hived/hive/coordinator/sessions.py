@@ -97,14 +97,13 @@ async def admit(ws: web.WebSocketResponse, address: str, limiter: LoginLimiter, 
         await refuse(ws, f"protocol version {hello.version} is not {PROTOCOL_VERSION}; install the same "
                          "hived version as the coordinator", final=True)
         return None
-    key_name = keys.verify(hello.key)
+    key_name, banned = keys.check(hello.key)
     if key_name is None:
         limiter.fail(address)
         log.warning("refused a peer from %s: unknown or revoked key", address)
         await refuse(ws, "unknown or revoked key; ask the coordinator's operator for a key "
                          "(`hived keys add NAME`)", final=True)
         return None
-    banned = keys.banned(key_name)
     if banned:
         await refuse(ws, f"key {key_name} is banned ({banned}); the coordinator's operator can lift "
                          f"the ban with `hived keys unban {key_name}`", final=True)
