@@ -275,7 +275,7 @@ async def simulate(url: str, key_file: str, n: int) -> None:
 
     async def peer(i: int, http: aiohttp.ClientSession) -> None:
         async with http.ws_connect(url + "/ws/peer", max_msg_size=MAX_FRAME_BYTES, heartbeat=None) as ws:
-            await ws.send_bytes(encode(Hello(PROTOCOL_VERSION, keys[i], f"sim{i}", "simulated")))
+            await ws.send_bytes(encode(Hello(PROTOCOL_VERSION, keys[i], f"sim{i}", "simulated", 1)))
             async for msg in ws:
                 if len(msg.data) > 64 << 10:
                     continue  # a weights part (control frames are far smaller): not needed here

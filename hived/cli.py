@@ -161,7 +161,8 @@ def train(config_file: str | None, host: str, port: int, no_ui: bool, threads: i
           **flags) -> None:
     """Train a GPT on your text (or the built-in corpus) on this machine, with a live dashboard."""
     _use_threads(threads)
-    from .local import Diverged, resolve_run
+    from .local import resolve_run
+    from .loop import Diverged
     from .local import train as run_training
 
     flags["data"] = list(flags["data"]) or None
@@ -190,6 +191,79 @@ def train(config_file: str | None, host: str, port: int, no_ui: bool, threads: i
             ui.stop()
     if stop.is_set():
         sys.exit(130)
+
+
+@main.command()
+@click.option("--workers", default="1", show_default=True,
+              help="Ray Train workers: N, or MIN-MAX to start once MIN fit and grow as more appear")
+@click.option("--cpus-per-worker", type=float, default=1.0, show_default=True)
+@click.option("--gpus-per-worker", type=float, default=0.0, show_default=True, help="0: train on CPUs")
+@click.option("--storage", default="", help="a folder every node shares, or a bucket URI (s3://, gs://), "
+                                            "where Ray keeps checkpoints [default: OUT/ray]")
+@click.option("--max-failures", type=int, default=3, show_default=True,
+              help="times Ray restarts the workers from the last checkpoint before giving up (-1: always)")
+@click.option("--address", default="", envvar="RAY_ADDRESS",
+              help="a running Ray cluster (auto, or HOST:PORT) [env RAY_ADDRESS]; default: start one here")
+@click.option("--join", "join_url", default="", help="train as one peer of this hive coordinator (ws:// or wss://)")
+@click.option("--key-file", type=click.File("r"), help="the hive key, for --join (or HIVED_KEY)")
+@click.option("--name", default="", help="how the coordinator lists this cluster, with --join")
+@click.option("--max-rounds", type=int, default=0, help="with --join: leave after N rounds (0: never)")
+@WEB_HOST
+@click.option("--port", type=int, default=8765, show_default=True,
+              help="dashboard and chat port; a free one is taken if it is busy")
+@click.option("--threads", type=click.IntRange(min=1), envvar="HIVED_THREADS",
+              help="torch threads in each worker [default: its CPUs]")
+@API_KEY
+@train_options
+@user_errors
+def cluster(config_file: str | None, workers: str, cpus_per_worker: float, gpus_per_worker: float, storage: str,
+            max_failures: int, address: str, join_url: str, key_file, name: str, max_rounds: int, host: str,
+            port: int, threads: int | None, api_key_file, **flags) -> None:
+    """Train data-parallel on a Ray cluster (started here, or --address), with the dashboard and
+    chat on this machine; or (--join) make the whole cluster one peer of a hive. Running the same
+    command again continues the run from its last checkpoint."""
+    import asyncio
+    import os
+
+    from .cluster.driver import ClusterDriver, plan
+    from .cluster.options import ClusterError, ClusterOptions, parse_workers
+    from .dashboard import RunState
+    from .events import Events
+    from .server import make_app, start_site
+    from .serving import ModelHost
+
+    _logging()
+    try:
+        opts = ClusterOptions(parse_workers(workers), cpus_per_worker, gpus_per_worker, storage, max_failures,
+                              address, join_url, key_file.read().strip() if key_file else os.environ.get("HIVED_KEY", ""),
+                              name, max_rounds, threads or 0)
+    except ClusterError as exc:
+        raise click.UsageError(str(exc)) from None
+    flags["data"] = list(flags["data"]) or None
+    the_plan = plan(flags, config_file, opts)
+    events = Events()
+    driver = ClusterDriver(the_plan, events)
+    run_state = RunState("cluster", status=driver.status)
+    model_host = ModelHost(the_plan.out.resolve().name or "hived")
+    for listener in (run_state, model_host):
+        events.subscribe(listener)
+
+    async def serve_and_train() -> int:
+        import signal
+        from aiohttp import web
+
+        runner = web.AppRunner(make_app(run_state, model_host, _api_limits(api_key_file)), access_log=None)
+        bound, notice = await start_site(runner, host, port)
+        click.echo(f"hived: {notice}dashboard at http://{host}:{bound}/ (chat at http://{host}:{bound}/chat)", err=True)
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+        try:
+            return await driver.run(stop)
+        finally:
+            await runner.cleanup()
+
+    sys.exit(asyncio.run(serve_and_train()))
 
 
 @main.command()

@@ -52,6 +52,9 @@ class RunState:
             elif kind == "start":
                 self.info.update(record)
                 self.state = "training"
+            elif kind == "restart":  # a cluster went back to a checkpoint: the steps after it are trained again
+                for points in self.points.values():
+                    points[:] = [p for p in points if p.get("step", 0) <= record["step"]]
             elif kind in ("done", "stopped"):
                 self.state = kind
         self._publish(record)

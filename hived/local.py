@@ -19,13 +19,8 @@ from .events import Events, Listener
 from .metrics import MetricsLog
 from .progress import Progress
 from .tokenizer import save as save_tokenizer
+from .loop import checkpoint_state, run_steps
 from .trainer import Trainer, build_trainer
-
-MAX_BAD_STEPS = 20  # consecutive non-finite steps before a run is declared diverged
-
-
-class Diverged(RuntimeError):
-    pass
 
 
 def resolve_run(flags: dict[str, Any], config_file: str | None = None) -> tuple[RunConfig, dict | None]:
@@ -65,14 +60,10 @@ def train(run: RunConfig, state: dict | None = None, stream: TextIO | None = Non
     def say(text: str) -> None:
         events.emit("message", text=text)
 
-    def save(name: str) -> None:
-        checkpoint.save({
-            **trainer.state_dict(),
-            "model_config": dataclasses.asdict(trainer.model_cfg),
-            "train_config": dataclasses.asdict(cfg),
-            "tokenizer": tok.to_json(),
-            "data_key": data_key,
-        }, out / name)
+    def save(names: tuple[str, ...]) -> None:
+        state = checkpoint_state(trainer, data_key)
+        for name in names:
+            checkpoint.save(state, out / name)
 
     if state and state.get("data_key") != data_key:
         say("warning: the data differs from the run's original corpus; training continues on the new data")
@@ -84,34 +75,18 @@ def train(run: RunConfig, state: dict | None = None, stream: TextIO | None = Non
     events.emit("start", step=trainer.step, steps=cfg.steps, params=trainer.model.num_params(),
                 config=dataclasses.asdict(cfg), model=dataclasses.asdict(trainer.model_cfg))
     events.emit("weights", model=trainer.model, tokenizer=tok, label=f"step {trainer.step}")
-    bad = 0
     try:
-        while trainer.step < cfg.steps and not stop.is_set():
-            skipped = trainer.skipped_steps
-            trainer.train_step()
-            bad = bad + 1 if trainer.skipped_steps > skipped else 0
-            if bad >= MAX_BAD_STEPS:
-                raise Diverged(f"training diverged: {bad} steps in a row had a NaN/Inf loss or gradient; "
-                               f"lower --lr (now {cfg.lr}) or raise --warmup-steps, and resume from latest.pt")
-            step, last = trainer.step, trainer.step == cfg.steps
-            if step % cfg.eval_interval == 0 or last:
-                if trainer.evaluate()["improved"]:
-                    save("best.pt")
-                events.emit("weights", model=trainer.model, tokenizer=tok, label=f"step {step}")
-            if step % cfg.sample_interval == 0 or last:
-                trainer.sample()
-            if step % cfg.checkpoint_interval == 0 and not last:
-                save("latest.pt")
+        finished = run_steps(trainer, save, stop.is_set)
     finally:
         progress.close()
         metrics.close()
-    save("latest.pt")
-    if stop.is_set() and trainer.step < cfg.steps:
+    if not finished:
+        save(("latest.pt",))
         say(f"stopped at step {trainer.step}; saved {out / 'latest.pt'}. "
             f"Continue with: hived train --out {out} --resume")
         events.emit("stopped", step=trainer.step)
         return trainer
-    save("final.pt")
+    save(("latest.pt", "final.pt"))
     events.emit("done", step=trainer.step, best_val=trainer.best_val)
     say(f"done: step {trainer.step}, best val loss {trainer.best_val:.4f}; checkpoints in {out}")
     return trainer

@@ -12,28 +12,37 @@ from .checkpoint import atomic_write_bytes
 FIELDS = {
     "step": ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_sec", "train_time", "elapsed"),
     "eval": ("step", "val_loss", "val_ppl", "tokens", "train_time", "elapsed"),
+    "restart": ("step", "rewound", "world_size", "elapsed"),  # a cluster's workers went back to a checkpoint
 }
 
 
 class MetricsLog:
     """An Events listener appending one JSON object per step and per evaluation.
 
-    On resume, records newer than the checkpoint (from steps that were lost) are dropped first,
-    so the file always describes the run as it really went.
+    On resume, and when a cluster's workers restart from a checkpoint, records newer than the
+    checkpoint (from steps that were lost, and are trained again) are dropped first, so the file
+    holds each step once and describes the run as it really went.
     """
 
     def __init__(self, run_dir: Path, resume_step: int | None = None):
         self.path = run_dir / "metrics.jsonl"
-        elapsed = 0.0
-        if resume_step is not None and self.path.exists():
-            kept = [r for r in read(run_dir) if r.get("step", 0) <= resume_step]
-            atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-            elapsed = max((r.get("elapsed", 0.0) for r in kept), default=0.0)
-        elif resume_step is None:
+        self.file = None
+        self.start = time.perf_counter()
+        if resume_step is None:
             self.path.unlink(missing_ok=True)
-        self.file = self.path.open("a", buffering=1)
-        self.start = time.perf_counter() - elapsed  # wall time carries on across a resume
+            self.file = self.path.open("a", buffering=1)
+        else:
+            self.rewind(resume_step)
         self.tb = _tensorboard(run_dir)
+
+    def rewind(self, step: int) -> None:
+        """Forget the records after ``step``; wall time carries on from the last one kept."""
+        if self.file is not None:
+            self.file.close()
+        kept = [r for r in read(self.path.parent) if r.get("step", 0) <= step] if self.path.exists() else []
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        self.start = time.perf_counter() - max((r.get("elapsed", 0.0) for r in kept), default=0.0)
+        self.file = self.path.open("a", buffering=1)
 
     def __call__(self, kind: str, data: dict[str, Any]) -> None:
         if kind not in FIELDS:

@@ -2,7 +2,8 @@
 OpenAI-compatible API and, on a coordinator, the peers' WebSocket.
 
 ``hived serve`` runs the app on the main thread (``web.run_app``); ``hived train`` trains on the
-main thread and serves the same app from a background thread (``Background``).
+main thread and serves the same app from a background thread (``Background``); ``hived cluster``
+serves it on the event loop that awaits the Ray workers (``start_site``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,20 @@ def _page(path: Path):
     return page
 
 
+async def start_site(runner: web.AppRunner, host: str, port: int) -> tuple[int, str]:
+    """Serve ``runner`` on ``port``, or on a free one if it is taken; the port, and a notice
+    saying so when it was."""
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        await web.TCPSite(runner, host, 0).start()
+        return runner.addresses[-1][1], f"port {port} is taken; "
+    return runner.addresses[-1][1], ""
+
+
 class Background:
     """The app served from its own thread and event loop while the main thread trains.
 
@@ -59,15 +74,8 @@ class Background:
         self.thread.start()
 
     async def _start(self, host: str, port: int) -> int:
-        await self.runner.setup()
-        try:
-            await web.TCPSite(self.runner, host, port).start()
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            await web.TCPSite(self.runner, host, 0).start()
-            self.notice = f"port {port} is taken; "
-        return self.runner.addresses[-1][1]
+        port, self.notice = await start_site(self.runner, host, port)
+        return port
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(timeout=10)

@@ -4,6 +4,12 @@ It knows nothing of files, sockets or Ray. The local loop, the hive peer and the
 call ``train_step``/``evaluate``/``sample`` and save ``state_dict()`` wherever they keep state; what
 happens is announced through ``Events`` so progress lines, metrics files and the dashboard can
 listen without the trainer knowing them.
+
+Data parallelism is two numbers, ``rank`` and ``world_size``, set by whoever runs several
+trainers as one (the Ray cluster) after wrapping ``forward`` for gradient averaging: each step
+then reads ``world_size`` consecutive shares of one global batch from the same window order, so
+the cursor, the step and the token count stay global, and a checkpoint means the same thing
+whether one process or eight wrote it.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .config import ModelConfig, RunConfig, TrainConfig
 from .data import TokenData, prepare
@@ -78,10 +85,17 @@ class Trainer:
         self.train_time = 0.0  # seconds spent in train_step, excluding eval and sampling
         self.best_val = math.inf
         self.skipped_steps = 0  # steps whose loss or gradient was not finite
+        self.rank, self.world_size = 0, 1  # this trainer's share of each global batch
 
     @property
     def tokens_per_step(self) -> int:
-        return self.cfg.batch_size * self.cfg.grad_accum * self.model_cfg.block_size
+        """Of the whole (global) batch."""
+        return self.cfg.batch_size * self.cfg.grad_accum * self.model_cfg.block_size * self.world_size
+
+    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(values)
+        return values
 
     def _backward(self) -> torch.Tensor:
         """Forward and backward over ``grad_accum`` micro-batches read at the data cursor;
@@ -89,15 +103,15 @@ class Trainer:
         cfg = self.cfg
         total = torch.zeros((), device=self.device)
         for _ in range(cfg.grad_accum):
-            x, y = self.data.batch(self.cursor, cfg.batch_size)
-            self.cursor += cfg.batch_size
+            x, y = self.data.batch(self.cursor + self.rank * cfg.batch_size, cfg.batch_size)
+            self.cursor += cfg.batch_size * self.world_size
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with autocast(self.device, self.dtype):
                 _, loss = self.forward(x, y)
             self.scaler.scale(loss / cfg.grad_accum).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
-        return total / cfg.grad_accum
+        return self._sum_over_ranks(total) / (cfg.grad_accum * self.world_size)
 
     def gradients(self) -> tuple[dict[str, torch.Tensor] | None, float]:
         """One step's gradients without applying them (the hive's sync mode averages them), or
@@ -146,17 +160,25 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, model: GPT | None = None) -> dict[str, Any]:
         """Mean loss over the validation split (all of it, up to ``eval_tokens``), of this
-        trainer's model or of ``model`` (a copy of its weights, evaluated while it trains on)."""
+        trainer's model or of ``model`` (a copy of its weights, evaluated while it trains on).
+        Data-parallel trainers each take every ``world_size``-th batch and add up: all of them
+        get the same figure, so all agree on whether it improved."""
         model = model or self.model
         model.eval()
         total, count = 0.0, 0
-        for x, y in self.data.val_batches(4 * self.cfg.batch_size, self.cfg.eval_tokens):
+        batches = self.data.val_batches(4 * self.cfg.batch_size, self.cfg.eval_tokens)
+        for i, (x, y) in enumerate(batches):
+            if i % self.world_size != self.rank:
+                continue
             x, y = x.to(self.device), y.to(self.device)
             with autocast(self.device, self.dtype):
                 _, loss = model(x, y)
             total += loss.item() * y.numel()
             count += y.numel()
         model.train()
+        if self.world_size > 1:
+            total, count = self._sum_over_ranks(torch.tensor([total, count], dtype=torch.float64,
+                                                             device=self.device)).tolist()
         val = total / count
         improved = val < self.best_val
         self.best_val = min(self.best_val, val)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import secrets
 import socket
 import subprocess
 import sys
@@ -42,6 +43,28 @@ def env(tmp_path: Path) -> dict[str, str]:
     e["PYTHONUNBUFFERED"] = "1"
     e.pop("HIVED_THREADS", None)  # every core unless a test passes --threads
     return e
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> dict[str, str]:
+    """One local Ray for the whole test run (2 CPUs, no dashboard): the environment that reaches
+    it, address included, for `hived cluster` processes. Ray's token authentication stays on, with
+    a token of this run's own; Ray listens on the loopback address only (the variable that makes
+    it do so is Ray's switch for single-machine clusters)."""
+    ray_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    head = subprocess.Popen([sys.executable, str(Path(__file__).with_name("ray_head.py")), "2"],
+                            env={**os.environ, **ray_env}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    address = head.stdout.readline().strip()
+    assert address.startswith("127.0.0.1:"), f"Ray did not start on the loopback address: {address!r}"
+    try:
+        yield {**ray_env, "RAY_ADDRESS": address}
+    finally:
+        head.stdin.close()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
 
 
 # Small, fast settings for the 1m preset in tests.

@@ -267,3 +267,14 @@ def test_an_open_dashboard_does_not_keep_a_finished_run_alive(env, corpus, tmp_p
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_train_and_join_start_without_importing_ray():
+    """Ray is imported by `hived cluster` alone: the other commands start as fast as ever."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom hived import cli, local, loop, server\nfrom hived.hive import peer\n"
+            "from hived.hive.coordinator import core\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -140,7 +140,7 @@ def test_a_wrong_key_is_refused_for_good_and_attempts_are_rate_limited(hive_fact
             for _ in range(7):
                 async with s.ws_connect(hive.url + "/ws/peer") as ws:
                     from hived.hive.protocol import PROTOCOL_VERSION, Hello, decode, encode
-                    await ws.send_bytes(encode(Hello(PROTOCOL_VERSION, "hk_nope", "x", "cpu")))
+                    await ws.send_bytes(encode(Hello(PROTOCOL_VERSION, "hk_nope", "x", "cpu", 1)))
                     reasons.append(decode((await ws.receive(timeout=10)).data).reason)
             return reasons
 

@@ -17,7 +17,7 @@ from hived.hive.protocol import (CHUNK_BYTES, PROTOCOL_VERSION, Ack, Hello, Prot
 
 
 def test_every_message_round_trips():
-    for msg in (Hello(PROTOCOL_VERSION, "k", "alice", "cpu"), Ack(3, "accepted", ""),
+    for msg in (Hello(PROTOCOL_VERSION, "k", "alice", "cpu", 1), Ack(3, "accepted", ""),
                 Work(1, 10, 2, "uint16", b"\x00" * 8, 5, 5),
                 Update(2, 0, 1, 100, 1.5, 0.25, {"w": pack(torch.ones(3), "fp16")})):
         assert decode(encode(msg)) == msg

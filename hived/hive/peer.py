@@ -74,7 +74,7 @@ class HivePeer:
         """One connection; True when the peer is done (max rounds reached)."""
         loop = asyncio.get_running_loop()
         await ws.send_bytes(encode(Hello(PROTOCOL_VERSION, self.opts.key, self.opts.name,
-                                         describe(self.worker.device))))
+                                         describe(self.worker.device), self.worker.replicas)))
         pending: tuple[Update, dict[str, torch.Tensor]] | None = None  # waiting for the coordinator's Go
         async for msg in ws:
             if msg.type != aiohttp.WSMsgType.BINARY:

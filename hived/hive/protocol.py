@@ -27,11 +27,12 @@ import zstandard
 
 from .compression import MalformedTensor, pack, packed_nbytes
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_FRAME_BYTES = 64 << 20  # compressed, as received
 MAX_MESSAGE_BYTES = 256 << 20  # after decompression
 CHUNK_BYTES = 1 << 20  # tensor payload per frame: a connection buffers about one part (bench/hive.py --scale)
 MAX_TEXT = 64  # names and device strings from peers
+MAX_REPLICAS = 64  # data-parallel workers one peer may speak for (a Ray cluster joined as one peer)
 
 # Tensor payloads barely compress (fp16 or int8: 1.07-1.09x at level 1, for 3-4x the time of
 # level -1 both ways), so frames that carry them use zstd's fast level; small control frames
@@ -58,6 +59,7 @@ class Hello:
     key: str
     name: str
     device: str
+    replicas: int  # data-parallel workers behind this peer: each round gives it that many shares of work
 
 
 @dataclass

@@ -29,6 +29,7 @@ Tensors = dict[str, torch.Tensor]
 
 class Worker(Protocol):
     device: torch.device
+    replicas: int  # data-parallel copies it trains with: each takes a share of the round's work
 
     def setup(self, welcome: Welcome) -> bool:
         """Build the model the coordinator describes; False when it is the one already built
@@ -44,6 +45,8 @@ class Worker(Protocol):
 
 class TrainerWorker:
     """A worker that trains with the same Trainer as `hived train`, on one device."""
+
+    replicas = 1
 
     def __init__(self, device: torch.device):
         self.device = device

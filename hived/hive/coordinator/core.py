@@ -188,14 +188,17 @@ class Coordinator:
 
     async def _run_round(self, peers: list[PeerSession]) -> Round:
         cfg = self.run.train
-        per_peer = cfg.batch_size * cfg.grad_accum * self.hive.steps_per_round
+        share = cfg.batch_size * cfg.grad_accum * self.hive.steps_per_round
+        counts = {p.id: share * p.replicas for p in peers}  # windows each (a cluster's workers take a share each)
         block = self.trainer.model_cfg.block_size
-        rnd = Round(self.round, {p.id for p in peers}, {p.id: per_peer * block for p in peers},
+        rnd = Round(self.round, {p.id for p in peers}, {i: n * block for i, n in counts.items()},
                     self.strategy.round(), model_norm=model_norm(self.params))
         rnd.between = rnd.started - self.last_closed if self.last_closed else 0.0
         self.current = rnd
-        starts = {p.id: self.cursor + i * per_peer for i, p in enumerate(peers)}  # disjoint windows each
-        self.cursor += len(peers) * per_peer
+        starts = {}  # disjoint windows each
+        for p in peers:
+            starts[p.id] = self.cursor
+            self.cursor += counts[p.id]
         # The weights are packed a few parts ahead of the first peer that needs them; every peer
         # gets the same frames, so the model is packed once a round whatever the number of peers.
         parts = packed_ahead(tensor_frames(Weights(self.round, 0, 0), {k: p.data for k, p in self.params.items()},
@@ -222,7 +225,7 @@ class Coordinator:
                     i += 1
                 if go:
                     rnd.uploading.add(peer.id)
-                work = encode(self._work(rnd.number, starts[peer.id], per_peer, go))
+                work = encode(self._work(rnd.number, starts[peer.id], counts[peer.id], go))
                 await peer.ws.send_bytes(work)
                 rnd.bytes_out += len(work)
                 peer.state, peer.sent_at = "working", time.time()
@@ -475,7 +478,7 @@ class Coordinator:
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "late_reports": self.late, "rejected_updates": self.rejected,
             "uptime": round(now - self.started, 1),
             "peers": [{
-                "name": p.name, "device": p.device, "state": p.state, "rounds": p.rounds, "tokens": p.tokens,
+                "name": p.name, "device": p.device, "replicas": p.replicas, "state": p.state, "rounds": p.rounds, "tokens": p.tokens,
                 "tokens_per_sec": round(p.tokens_per_sec, 1), "last_seen": round(now - p.last_seen, 1),
                 "key": p.key_name, "strikes": self.strikes.get(p.key_name, 0),
                 "ledger": self.ledger.get(p.key_name, {}),

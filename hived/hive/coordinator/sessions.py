@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from aiohttp import WSMsgType, web
 
 from ..keys import KeyStore
-from ..protocol import PROTOCOL_VERSION, Hello, ProtocolError, Refused, clean_text, decode, encode
+from ..protocol import MAX_REPLICAS, PROTOCOL_VERSION, Hello, ProtocolError, Refused, clean_text, decode, encode
 
 if TYPE_CHECKING:
     from .uploads import Upload
@@ -32,6 +32,7 @@ class PeerSession:
     name: str  # what it calls itself (shown; the key's name is what counts)
     key_name: str
     device: str
+    replicas: int  # shares of each round's work (a Ray cluster's workers)
     address: str
     ws: web.WebSocketResponse
     state: str = "joined"  # joined | working | idle
@@ -90,6 +91,8 @@ async def admit(ws: web.WebSocketResponse, address: str, limiter: LoginLimiter, 
         hello = decode(msg.data) if msg.type == WSMsgType.BINARY else None
         if not isinstance(hello, Hello):
             raise ProtocolError("the first frame must be a Hello")
+        if not 1 <= hello.replicas <= MAX_REPLICAS:
+            raise ProtocolError(f"a peer speaks for 1 to {MAX_REPLICAS} replicas")
     except (ProtocolError, asyncio.TimeoutError) as exc:
         await ws.close(code=1002, message=f"protocol error: {exc}".encode()[:120])
         return None
@@ -114,4 +117,4 @@ async def admit(ws: web.WebSocketResponse, address: str, limiter: LoginLimiter, 
                          "once: ask the operator for a key per machine (`hived keys add NAME`)")
         return None
     return PeerSession(secrets.token_hex(4), clean_text(hello.name) or key_name, key_name,
-                       clean_text(hello.device), address, ws)
+                       clean_text(hello.device), hello.replicas, address, ws)

@@ -1,0 +1,191 @@
+"""`hived cluster` on a real Ray (one local instance for the whole test run: 2 CPUs, no
+dashboard) with real worker processes, real gloo groups and a real SIGKILL. Every wait is bounded."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from hived import checkpoint, metrics
+from hived.cluster.worker_loop import weights_digest
+
+from conftest import free_port, hived, make_corpus
+
+SETTINGS = ["--preset", "1m", "--batch-size", "4", "--eval-interval", "10", "--eval-tokens", "2048",
+            "--sample-interval", "1000", "--sample-tokens", "20", "--warmup-steps", "2", "--checkpoint-interval", "10",
+            "--log-interval", "5", "--seed", "7"]
+
+
+class ClusterRun:
+    """A real `hived cluster` process attached to the test run's Ray, with its dashboard's port."""
+
+    def __init__(self, tmp: Path, env: dict, name: str, *args: str):
+        self.out = tmp / name
+        self.port = free_port()
+        self.log = tmp / f"{name}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hived.cli", "cluster", "--port", str(self.port), "--out", str(self.out), *args],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
+
+    def status(self) -> dict | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/status", timeout=5) as r:
+                return json.load(r)
+        except OSError:
+            return None
+
+    def wait_for(self, cond, timeout: float) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.proc.poll() is None, f"hived cluster exited early:\n{self.text()[-4000:]}"
+            s = self.status()
+            if s is not None and cond(s):
+                return s
+            time.sleep(0.2)
+        raise TimeoutError(f"condition not met in {timeout} s; last status {self.status()}\n{self.text()[-4000:]}")
+
+    def finish(self, timeout: float) -> str:
+        try:
+            self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        text = self.text()
+        assert self.proc.returncode == 0, f"hived cluster failed ({self.proc.returncode}):\n{text[-4000:]}"
+        return text
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def step_of(status: dict) -> int:
+    return status.get("last", {}).get("step", {}).get("step", 0)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, ray_cluster) -> tuple[Path, dict, Path]:
+    tmp = tmp_path_factory.mktemp("cluster")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text(make_corpus(), encoding="utf-8")
+    env = {**os.environ, **ray_cluster, "XDG_CACHE_HOME": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
+    env.pop("HIVED_THREADS", None)
+    return tmp, env, corpus
+
+
+@pytest.fixture(scope="module")
+def two_workers(workspace):
+    """Two CPU workers train the 1m preset for 40 steps; the daemon's status is read while they do."""
+    tmp, env, corpus = workspace
+    run = ClusterRun(tmp, env, "two", "--workers", "2", "--data", str(corpus), "--steps", "40", *SETTINGS)
+    status = run.wait_for(lambda s: step_of(s) >= 3 and s["state"] == "training", timeout=180)
+    latencies = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        during = run.status()
+        latencies.append(time.perf_counter() - t0)
+        assert during is not None and during["state"] == "training"
+        time.sleep(0.1)
+    return run, run.finish(timeout=240), status, latencies
+
+
+def test_two_workers_train_and_end_with_identical_weights(two_workers):
+    run, log, status, latencies = two_workers
+    assert [w["rank"] for w in status["cluster"]["workers"]] == [0, 1]
+    assert max(latencies) < 1.0, f"/api/status took {max(latencies):.2f} s while the workers trained"
+    records = metrics.read(run.out)
+    losses = [r["loss"] for r in records if r["kind"] == "step"]
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, 41))
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    evals = [r["val_loss"] for r in records if r["kind"] == "eval"]
+    assert evals[-1] < evals[0]
+    digests = dict(re.findall(r"rank (\d) weights sha256 ([0-9a-f]{64})", log))
+    final = checkpoint.load(run.out / "final.pt")
+    assert final["step"] == 40
+    assert digests == {"0": weights_digest(final["model"]), "1": weights_digest(final["model"])}
+
+
+def test_two_workers_at_batch_b_match_one_process_at_batch_2b(two_workers, workspace):
+    """The same global batch from the same window order: two workers of batch 4 averaging their
+    gradients take the steps that one process of batch 8 takes."""
+    run, *_ = two_workers
+    tmp, env, corpus = workspace
+    one = tmp / "one"
+    hived("train", "--no-ui", "--threads", "1", "--data", str(corpus), "--steps", "40", "--out", str(one),
+          *SETTINGS, "--batch-size", "8", env=env, timeout=300)
+    a, b = checkpoint.load(run.out / "final.pt"), checkpoint.load(one / "final.pt")
+    assert (a["step"], a["cursor"], a["tokens_seen"]) == (b["step"], b["cursor"], b["tokens_seen"])
+    worst = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
+    scale = max(v.abs().max().item() for v in b["model"].values())
+    assert worst < 1e-4 * scale, f"weights differ by {worst:.3g} (largest weight {scale:.3g})"
+    val = [r["val_loss"] for r in metrics.read(one) if r["kind"] == "eval"]
+    cluster_val = [r["val_loss"] for r in metrics.read(run.out) if r["kind"] == "eval"]
+    assert val == pytest.approx(cluster_val, abs=1e-4)
+
+
+def test_a_cluster_checkpoint_generates_and_resumes_on_one_machine(two_workers, workspace):
+    run, *_ = two_workers
+    tmp, env, corpus = workspace
+    text = hived("generate", "--checkpoint", str(run.out / "final.pt"), "--max-tokens", "30", "--seed", "1",
+                 env=env).stdout
+    assert len(text.strip()) > 0
+    here = tmp / "continued"
+    shutil.copytree(run.out, here, ignore=shutil.ignore_patterns("ray"))
+    hived("train", "--no-ui", "--threads", "1", "--out", str(here), "--resume", "--steps", "50", "--data", str(corpus),
+          env=env, timeout=300)
+    assert checkpoint.load(here / "final.pt")["step"] == 50
+    steps = [r["step"] for r in metrics.read(here) if r["kind"] == "step"]
+    assert steps == list(range(1, 51))
+
+
+def test_a_sigkilled_worker_is_replaced_and_the_run_finishes_from_the_last_checkpoint(workspace):
+    tmp, env, corpus = workspace
+    run = ClusterRun(tmp, env, "killed", "--workers", "2", "--max-failures", "2", "--data", str(corpus),
+                     "--steps", "90", *SETTINGS)
+    status = run.wait_for(lambda s: step_of(s) >= 25 and len(s["cluster"]["workers"]) == 2, timeout=180)
+    victim = next(w for w in status["cluster"]["workers"] if w["rank"] == 1)
+    killed_at = step_of(status)
+    os.kill(victim["pid"], signal.SIGKILL)
+    after = run.wait_for(lambda s: s["cluster"]["restarts"] == 1, timeout=120)
+    assert victim["pid"] not in [w["pid"] for w in after["cluster"]["workers"]]
+    log = run.finish(timeout=300)
+    assert "Ray restarted the workers" in log
+    assert checkpoint.load(run.out / "final.pt")["step"] == 90
+    records = metrics.read(run.out)
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, 91))  # each step once
+    restart = [r for r in records if r["kind"] == "restart"]
+    assert len(restart) == 1 and restart[0]["step"] % 10 == 0 and restart[0]["step"] <= killed_at + 10
+
+
+def test_the_cluster_joins_a_hive_as_one_peer_with_all_its_workers_tokens(workspace, tmp_path):
+    """Two workers (the range 2-3 starts once two fit, on a Ray with two CPUs) train each round
+    data-parallel and upload one update: the coordinator sees one peer with twice the tokens."""
+    from test_hive import Hive
+
+    tmp, env, corpus = workspace
+    hive = Hive(tmp_path, env, corpus, "--inner-steps", "3", "--rounds", "2", "--compression", "int8",
+                "--threads", "1")
+    try:
+        key_file = tmp_path / "cluster.key"
+        key_file.write_text(hive.key("cluster"))
+        run = ClusterRun(tmp_path, env, "peer", "--workers", "2-3", "--join", hive.url, "--key-file", str(key_file),
+                         "--name", "ray", "--max-rounds", "2")
+        joined = hive.wait(lambda s: s["peers"], timeout=180)
+        assert [(p["name"], p["replicas"]) for p in joined["peers"]] == [("ray", 2)]
+        log = run.finish(timeout=240)
+        assert "left the hive after 2 round(s)" in log
+        done = hive.wait(lambda s: s["round"] >= 2, timeout=30)
+        per_worker_round = 4 * 3 * 64  # batch × inner steps × context (the 1m preset's 64)
+        assert done["ledger"] == {"cluster": {"name": "ray", "rounds": 2, "tokens": 2 * 2 * per_worker_round}}
+        assert all(r["peers"] == 1 and r["accepted"] == 1 for r in done["history"])
+    finally:
+        hive.close()
