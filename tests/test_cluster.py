@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -68,6 +69,19 @@ class ClusterRun:
         return self.log.read_text(errors="replace")
 
 
+def completion(port: int) -> dict | None:
+    """The chat API's answer, or None while it has no weights (503)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", method="POST",
+                                     data=json.dumps({"prompt": "The", "max_tokens": 5}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 503, exc.read()
+        return None
+
+
 def step_of(status: dict) -> int:
     return status.get("last", {}).get("step", {}).get("step", 0)
 
@@ -84,9 +98,10 @@ def workspace(tmp_path_factory, ray_cluster) -> tuple[Path, dict, Path]:
 
 @pytest.fixture(scope="module")
 def two_workers(workspace):
-    """Two CPU workers train the 1m preset for 40 steps; the daemon's status is read while they do."""
+    """Two CPU workers train the 1m preset for 60 steps; the daemon's status and chat are used
+    while they do."""
     tmp, env, corpus = workspace
-    run = ClusterRun(tmp, env, "two", "--workers", "2", "--data", str(corpus), "--steps", "40", *SETTINGS)
+    run = ClusterRun(tmp, env, "two", "--workers", "2", "--data", str(corpus), "--steps", "60", *SETTINGS)
     status = run.wait_for(lambda s: step_of(s) >= 3 and s["state"] == "training", timeout=180)
     latencies = []
     for _ in range(5):
@@ -95,6 +110,8 @@ def two_workers(workspace):
         latencies.append(time.perf_counter() - t0)
         assert during is not None and during["state"] == "training"
         time.sleep(0.1)
+    reply = run.wait_for(lambda s: completion(run.port) is not None, timeout=120)  # a checkpoint reached the chat
+    assert reply["state"] == "training"
     return run, run.finish(timeout=240), status, latencies
 
 
@@ -104,13 +121,13 @@ def test_two_workers_train_and_end_with_identical_weights(two_workers):
     assert max(latencies) < 1.0, f"/api/status took {max(latencies):.2f} s while the workers trained"
     records = metrics.read(run.out)
     losses = [r["loss"] for r in records if r["kind"] == "step"]
-    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, 41))
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, 61))
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
     evals = [r["val_loss"] for r in records if r["kind"] == "eval"]
     assert evals[-1] < evals[0]
     digests = dict(re.findall(r"rank (\d) weights sha256 ([0-9a-f]{64})", log))
     final = checkpoint.load(run.out / "final.pt")
-    assert final["step"] == 40
+    assert final["step"] == 60
     assert digests == {"0": weights_digest(final["model"]), "1": weights_digest(final["model"])}
 
 
@@ -120,7 +137,7 @@ def test_two_workers_at_batch_b_match_one_process_at_batch_2b(two_workers, works
     run, *_ = two_workers
     tmp, env, corpus = workspace
     one = tmp / "one"
-    hived("train", "--no-ui", "--threads", "1", "--data", str(corpus), "--steps", "40", "--out", str(one),
+    hived("train", "--no-ui", "--threads", "1", "--data", str(corpus), "--steps", "60", "--out", str(one),
           *SETTINGS, "--batch-size", "8", env=env, timeout=300)
     a, b = checkpoint.load(run.out / "final.pt"), checkpoint.load(one / "final.pt")
     assert (a["step"], a["cursor"], a["tokens_seen"]) == (b["step"], b["cursor"], b["tokens_seen"])
@@ -140,11 +157,11 @@ def test_a_cluster_checkpoint_generates_and_resumes_on_one_machine(two_workers, 
     assert len(text.strip()) > 0
     here = tmp / "continued"
     shutil.copytree(run.out, here, ignore=shutil.ignore_patterns("ray"))
-    hived("train", "--no-ui", "--threads", "1", "--out", str(here), "--resume", "--steps", "50", "--data", str(corpus),
+    hived("train", "--no-ui", "--threads", "1", "--out", str(here), "--resume", "--steps", "70", "--data", str(corpus),
           env=env, timeout=300)
-    assert checkpoint.load(here / "final.pt")["step"] == 50
+    assert checkpoint.load(here / "final.pt")["step"] == 70
     steps = [r["step"] for r in metrics.read(here) if r["kind"] == "step"]
-    assert steps == list(range(1, 51))
+    assert steps == list(range(1, 71))
 
 
 def test_a_sigkilled_worker_is_replaced_and_the_run_finishes_from_the_last_checkpoint(workspace):
@@ -157,6 +174,10 @@ def test_a_sigkilled_worker_is_replaced_and_the_run_finishes_from_the_last_check
     os.kill(victim["pid"], signal.SIGKILL)
     after = run.wait_for(lambda s: s["cluster"]["restarts"] == 1, timeout=120)
     assert victim["pid"] not in [w["pid"] for w in after["cluster"]["workers"]]
+    run.wait_for(lambda s: step_of(s) > killed_at + 5, timeout=120)
+    with urllib.request.urlopen(f"http://127.0.0.1:{run.port}/api/history", timeout=5) as r:
+        shown = [p["step"] for p in json.load(r)["step"]]
+    assert shown == sorted(set(shown)), "the dashboard shows the rewound steps twice"
     log = run.finish(timeout=300)
     assert "Ray restarted the workers" in log
     assert checkpoint.load(run.out / "final.pt")["step"] == 90

@@ -77,6 +77,16 @@ function renderHeader() {
   $("config").textContent = JSON.stringify({preset: info.preset, params: info.params, model: info.model,
                                             train: info.config, hive: info.hive}, null, 2);
   if (s.role === "coordinator") renderHive(s);
+  if (s.cluster) renderCluster(s.cluster);
+}
+
+function renderCluster(c) {
+  $("cluster").hidden = false;
+  const restarts = c.restarts ? `, ${c.restarts} restart${c.restarts > 1 ? "s" : ""} from a checkpoint` : "";
+  $("cluster-note").textContent = `(${c.workers.length} of ${[...new Set(c.requested)].join("-")}${restarts}; Ray at ${c.address})`;
+  const rows = $("workers");
+  rows.replaceChildren();
+  for (const w of c.workers) cells(rows, [w.rank, w.node, w.pid, w.weights ? w.weights.slice(0, 16) : "–"]);
 }
 
 function cells(row, values) {
@@ -148,6 +158,10 @@ function add(record) {
     if (list.length && list.at(-1)[key] >= record[key]) return;  // already in the history
     list.push(record);
     if (run.t0 === null) run.t0 = record.time;
+    schedule();
+  } else if (record.kind === "restart") {  // the workers went back to a checkpoint: later steps are redone
+    for (const kind of ["step", "eval"]) run[kind] = run[kind].filter(p => p.step <= record.step);
+    refreshStatus();
     schedule();
   } else if (run.status && ["start", "done", "stopped", "state"].includes(record.kind)) {
     if (record.kind === "start") Object.assign(run.status.info, record);
