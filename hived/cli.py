@@ -263,7 +263,10 @@ def cluster(config_file: str | None, workers: str, cpus_per_worker: float, gpus_
         finally:
             await runner.cleanup()
 
-    sys.exit(asyncio.run(serve_and_train()))
+    try:
+        sys.exit(asyncio.run(serve_and_train()))
+    except ClusterError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()

@@ -82,6 +82,18 @@ def hived(*args: str, env: dict[str, str], timeout: float = 120, cwd: Path | Non
     return proc
 
 
+def daemon_status(port: int) -> dict | None:
+    """A local daemon's /api/status, or None while it is not answering."""
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=5) as r:
+            return json.load(r)
+    except OSError:
+        return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -20,7 +20,7 @@ import pytest
 from hived import checkpoint, metrics
 from hived.cluster.worker_loop import weights_digest
 
-from conftest import free_port, hived, make_corpus
+from conftest import daemon_status, free_port, hived, make_corpus
 
 SETTINGS = ["--preset", "1m", "--batch-size", "4", "--eval-interval", "10", "--eval-tokens", "2048",
             "--sample-interval", "1000", "--sample-tokens", "20", "--warmup-steps", "2", "--checkpoint-interval", "10",
@@ -39,11 +39,7 @@ class ClusterRun:
             env=env, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
 
     def status(self) -> dict | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/status", timeout=5) as r:
-                return json.load(r)
-        except OSError:
-            return None
+        return daemon_status(self.port)
 
     def wait_for(self, cond, timeout: float) -> dict:
         deadline = time.time() + timeout

@@ -24,7 +24,7 @@ from hived.hive.aggregation import WeightedMean
 from hived.hive.coordinator import Coordinator, HiveConfig
 from hived.hive.keys import KeyStore
 
-from conftest import free_port, hived, join, serving, until
+from conftest import daemon_status, free_port, hived, join, serving, until
 
 HERE = Path(__file__).parent
 FAST = ["--batch-size", "4", "--eval-tokens", "4096", "--warmup-steps", "2", "--lr", "0.003"]
@@ -66,11 +66,7 @@ class Hive:
                           "--name", name, *args, log=f"{key or name}.log")
 
     def status(self) -> dict | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/status", timeout=5) as r:
-                return json.load(r)
-        except OSError:
-            return None
+        return daemon_status(self.port)
 
     def wait(self, cond, timeout: float = 90) -> dict:
         deadline = time.time() + timeout

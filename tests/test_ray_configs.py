@@ -20,6 +20,7 @@ def test_ray_cluster_configs_pass_rays_validation(name):
     config = yaml.safe_load((CONFIGS / name).read_text())
     validate_config(prepare_config(copy.deepcopy(config)))
     assert any("hived" in command for command in config["setup_commands"])  # every node installs hived
+    assert "~/.ray/auth_token" in config["file_mounts"]  # and gets the cluster's token
     broken = {**config, "head_start_ray_commands": "not a list"}
     with pytest.raises(Exception, match="not of type 'array'"):  # the check is real
         validate_config(prepare_config(broken))

@@ -30,7 +30,7 @@ from ..progress import Progress
 from ..tokenizer import save as save_tokenizer
 from ..trainer import build_trainer
 from .mailbox import create as create_mailbox
-from .options import ClusterOptions
+from .options import ClusterError, ClusterOptions
 from .worker_loop import STATE_FILE, Job, train_loop
 
 log = logging.getLogger("hived.cluster")
@@ -75,7 +75,14 @@ def connect(address: str) -> bool:
     True when started here. Only what was started here is shut down: never `ray stop`."""
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        ray.init(address=address)
+        try:
+            ray.init(address=address)
+        except ConnectionError as exc:
+            raise ClusterError(
+                f"could not join the Ray cluster at {address} ({str(exc).splitlines()[0][:200]}). Is it running "
+                "(`ray status` on its head)? Ray's token authentication is on by default: set RAY_AUTH_MODE=token "
+                "here and give this machine the cluster's token, as ~/.ray/auth_token or RAY_AUTH_TOKEN "
+                "(`ray get-auth-token` on the head prints it)") from None
         return False
     ray.init()
     return True
@@ -196,7 +203,12 @@ class ClusterDriver:
     def _handle(self, kind: str, data: dict[str, Any]) -> Awaitable[None] | None:
         if kind == "worker":
             self.workers = {r: w for r, w in self.workers.items() if r < data["world_size"]}
+            fresh = self.workers.get(data["rank"], {}).get("pid") != data["pid"]
             self.workers[data["rank"]] = data
+            pids = {w["pid"] for w in self.workers.values()}
+            if fresh and len(self.workers) == data["world_size"] and len(pids) == data["world_size"]:
+                nodes = sorted({w["node"] for w in self.workers.values()})
+                self.say(f"{data['world_size']} worker(s) up on {', '.join(nodes)}: process group ready")
             return None
         if kind == "start":
             self._start(data)
