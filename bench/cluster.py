@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import secrets
+import socket
 import statistics
 import subprocess
 import sys
@@ -64,11 +65,17 @@ def run_hived(data: str, workers: int, steps: int, warmup: int, batch: int, tmp:
             "first_step": first_step, "phases": seen}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_torchrun(data: str, workers: int, steps: int, warmup: int, batch: int) -> dict:
     t0 = time.time()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(workers),
-                          "--master-addr", "127.0.0.1", "--master-port", "0",
+                          "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                           str(Path(__file__).with_name("ddp_anchor.py")), "--data", data, "--steps", str(steps),
                           "--warmup", str(warmup), "--batch-size", str(batch)],
                          env=env, capture_output=True, text=True, timeout=1800)

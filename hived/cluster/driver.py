@@ -34,7 +34,7 @@ from .options import ClusterError, ClusterOptions
 from .worker_loop import STATE_FILE, Job, train_loop
 
 log = logging.getLogger("hived.cluster")
-POLL_SECONDS = 0.2  # how often the mailbox is emptied: the dashboard lags the workers by about this
+POLL_SECONDS = 0.5  # how often the mailbox is emptied: the dashboard lags the workers by about this
 
 
 @dataclass

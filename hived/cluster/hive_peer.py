@@ -56,8 +56,8 @@ def broadcast_weights(worker: TrainerWorker) -> None:
 class Leader:
     """The ``Worker`` that rank 0's HivePeer drives."""
 
-    def __init__(self, worker: TrainerWorker, world: int, group: Any, mailbox: Any):
-        self.worker, self.world, self.group, self.mailbox = worker, world, group, mailbox
+    def __init__(self, worker: TrainerWorker, world: int, group: Any, forward: Forwarder):
+        self.worker, self.world, self.group, self.forward = worker, world, group, forward
         self.device = worker.device
         self.replicas = world
 
@@ -65,7 +65,7 @@ class Leader:
         share(encode(welcome), self.group)
         built = setup(self.worker, welcome, 0, self.world)
         if built:  # the dashboard follows the inner steps
-            self.worker.trainer.events.subscribe(Forwarder(self.mailbox))
+            self.worker.trainer.events.subscribe(self.forward)
         return built
 
     def load(self, weights: Weights) -> None:
@@ -75,8 +75,8 @@ class Leader:
         share(encode(work), self.group)
         broadcast_weights(self.worker)
         update, delta = self.worker.work(work)
-        self.mailbox.post.remote("message", {"text": f"round {work.round + 1}: {update.tokens:,} tokens, "
-                                                     f"loss {update.loss:.4f}, {update.seconds:.1f} s"})
+        self.forward("message", {"text": f"round {work.round + 1}: {update.tokens:,} tokens, "
+                                         f"loss {update.loss:.4f}, {update.seconds:.1f} s"})
         return update, delta
 
 
@@ -99,9 +99,10 @@ def serve(opts: PeerOptions, device: torch.device, rank: int, world: int, mailbo
     if rank:
         return follow(worker, rank, world, group)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    peer = HivePeer(opts, Leader(worker, world, group, mailbox))
+    forward = Forwarder(mailbox)
+    peer = HivePeer(opts, Leader(worker, world, group, forward))
     try:
         status = asyncio.run(peer.run())
     finally:
         share(encode(Bye("done")), group)
-    mailbox.post.remote("done", {"status": status, "rounds": peer.rounds})
+    forward("done", {"status": status, "rounds": peer.rounds})

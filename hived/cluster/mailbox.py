@@ -9,6 +9,7 @@ they were made, so the events arrive in order.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any
 
@@ -22,8 +23,8 @@ class Mailbox:
     def __init__(self, limit: int = 100_000):
         self.items: deque[Event] = deque(maxlen=limit)  # a daemon that stops reading bounds it
 
-    def post(self, kind: str, data: dict[str, Any]) -> None:
-        self.items.append((kind, data))
+    def post(self, events: list[Event]) -> None:
+        self.items.extend(events)
 
     def take(self) -> list[Event]:
         items = list(self.items)
@@ -39,11 +40,21 @@ def create(node_id: str) -> ray.actor.ActorHandle:
 
 
 class Forwarder:
-    """An Events listener (on rank 0) that posts what the dashboard and metrics need."""
+    """An Events listener (on rank 0) that posts what the dashboard and metrics need: steps a
+    few times a second in one call, anything else at once. Every call wakes processes that
+    take CPU from the workers, and in data-parallel lockstep a pause of one rank stalls all."""
 
-    def __init__(self, mailbox: ray.actor.ActorHandle):
+    def __init__(self, mailbox: ray.actor.ActorHandle, every: float = 0.5):
         self.mailbox = mailbox
+        self.every = every
+        self.pending: list[Event] = []
+        self.posted = 0.0
 
     def __call__(self, kind: str, data: dict[str, Any]) -> None:
-        if kind in FORWARDED:
-            self.mailbox.post.remote(kind, data)
+        if kind not in FORWARDED:
+            return
+        self.pending.append((kind, data))
+        now = time.monotonic()
+        if kind != "step" or now - self.posted >= self.every:
+            self.mailbox.post.remote(self.pending)
+            self.pending, self.posted = [], now

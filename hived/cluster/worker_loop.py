@@ -81,7 +81,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if job.threads:
         torch.set_num_threads(job.threads)
     me = {"rank": rank, "world_size": world, "pid": os.getpid(), "node": ray.util.get_node_ip_address()}
-    job.mailbox.post.remote("worker", me)
+    job.mailbox.post.remote([("worker", me)])
     device = ray.train.torch.get_device()
     if job.peer is not None:
         from .hive_peer import serve
@@ -117,6 +117,6 @@ def train_loop(config: dict[str, Any]) -> None:
     run_steps(trainer, save, stop=lambda: False, sample=rank == 0)
     save(("latest.pt", "final.pt"))
     # Every rank's hash is in the mailbox before rank 0 says done, so the daemon can compare them.
-    ray.get(job.mailbox.post.remote("worker", {**me, "weights": weights_digest(trainer.model.state_dict())}))
+    ray.get(job.mailbox.post.remote([("worker", {**me, "weights": weights_digest(trainer.model.state_dict())})]))
     torch.distributed.barrier()
     events.emit("done", step=trainer.step, best_val=trainer.best_val)
