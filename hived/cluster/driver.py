@@ -156,6 +156,7 @@ class ClusterDriver:
         # directory then mean the same on every node.
         os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
         self.started_ray = await loop.run_in_executor(None, connect, self.plan.opts.address)
+        stopping = asyncio.ensure_future(stop.wait())
         try:
             context = ray.get_runtime_context()
             self.ray_address = context.gcs_address
@@ -165,7 +166,9 @@ class ClusterDriver:
             self.say(f"Ray at {self.ray_address} ({'started here' if self.started_ray else 'attached'}); "
                      f"{low if low == high else f'{low} to {high}'} worker(s); checkpoints in {self.storage}/{self.name}")
             fit = loop.run_in_executor(None, trainer.fit)
-            stopping = asyncio.ensure_future(stop.wait())
+            # Stopped, Ray is shut down under the fit thread, which then ends with SystemExit:
+            # expected, so taken here rather than logged as never retrieved.
+            fit.add_done_callback(lambda done: done.cancelled() or done.exception())
             while not fit.done():
                 await self._drain(mailbox)
                 await asyncio.wait([fit, stopping], timeout=POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED)
@@ -182,13 +185,14 @@ class ClusterDriver:
                 return 1
             return self.status_code
         finally:
+            stopping.cancel()
             if self.progress is not None:
                 self.progress.close()
             if self.metrics is not None:
                 self.metrics.close()
             await loop.run_in_executor(None, ray.shutdown)  # stops the local Ray only if it started here
 
-    def _saved_step(self) -> int | str:
+    def _saved_step(self) -> int:
         latest = self.plan.out / "latest.pt"
         return checkpoint.load(latest)["step"] if latest.exists() else 0
 

@@ -65,13 +65,17 @@ def data_parallel(trainer: Trainer, rank: int, world_size: int) -> None:
 
 
 def restored(job: Job) -> dict[str, Any] | None:
-    """Ray's latest checkpoint of this run (after a restart, or a driver that came back), else
-    the checkpoint the run continues from, else nothing."""
+    """The newest of Ray's latest registered checkpoint (after a restart, or a daemon that came
+    back) and the run's own ``latest.pt`` the daemon started with: Ray registers a reported
+    checkpoint a little after the report, so a daemon killed in between holds a newer one."""
+    found = []
     saved = ray.train.get_checkpoint()
     if saved is not None:
         with saved.as_directory() as folder:
-            return checkpoint.load(Path(folder) / STATE_FILE)
-    return ray.get(job.state) if job.state is not None else None
+            found.append(checkpoint.load(Path(folder) / STATE_FILE))
+    if job.state is not None:
+        found.append(ray.get(job.state))
+    return max(found, key=lambda state: state["step"], default=None)
 
 
 def train_loop(config: dict[str, Any]) -> None:
