@@ -183,24 +183,6 @@ def test_a_sigkilled_worker_is_replaced_and_the_run_finishes_from_the_last_check
     assert len(restart) == 1 and restart[0]["step"] % 10 == 0 and restart[0]["step"] <= killed_at + 10
 
 
-def test_the_same_command_continues_after_the_daemon_is_killed(workspace):
-    """SIGKILL the daemon (its Ray job, workers included, goes with it); the same command again
-    continues from the last checkpoint Ray stored, and the records hold each step once."""
-    tmp, env, corpus = workspace
-    args = ("--workers", "1", "--data", str(corpus), "--steps", "60", *SETTINGS)
-    first = ClusterRun(tmp, env, "again", *args)
-    first.wait_for(lambda s: step_of(s) >= 25, timeout=180)
-    first.proc.kill()
-    first.proc.wait(timeout=30)
-    copied = checkpoint.load(first.out / "latest.pt")["step"]  # Ray may not have registered it yet
-    second = ClusterRun(tmp, env, "again", *args)
-    log = second.finish(timeout=300)
-    resumed = int(re.search(r"worker\(s\) on cpu, from step (\d+)", log)[1])
-    assert resumed >= copied >= 20 and resumed % 10 == 0
-    assert checkpoint.load(second.out / "final.pt")["step"] == 60
-    assert [r["step"] for r in metrics.read(second.out) if r["kind"] == "step"] == list(range(1, 61))
-
-
 def test_the_cluster_joins_a_hive_as_one_peer_with_all_its_workers_tokens(workspace, tmp_path):
     """Two workers (the range 2-3 starts once two fit, on a Ray with two CPUs) train each round
     data-parallel and upload one update: the coordinator sees one peer with twice the tokens."""
@@ -224,3 +206,23 @@ def test_the_cluster_joins_a_hive_as_one_peer_with_all_its_workers_tokens(worksp
         assert all(r["peers"] == 1 and r["accepted"] == 1 for r in done["history"])
     finally:
         hive.close()
+
+
+def test_the_same_command_continues_after_the_daemon_is_killed(workspace):
+    """SIGKILL the daemon; the same command again continues from the newest checkpoint, and the
+    records hold each step once. Last in the file: without Ray's dashboard, Ray Train's cleaner
+    cannot see that the killed run's controller is gone, and its worker's CPU stays reserved for
+    a while, which would delay the runs after it."""
+    tmp, env, corpus = workspace
+    args = ("--workers", "1", "--data", str(corpus), "--steps", "60", *SETTINGS)
+    first = ClusterRun(tmp, env, "again", *args)
+    first.wait_for(lambda s: step_of(s) >= 25, timeout=180)
+    first.proc.kill()
+    first.proc.wait(timeout=30)
+    copied = checkpoint.load(first.out / "latest.pt")["step"]  # Ray may not have registered it yet
+    second = ClusterRun(tmp, env, "again", *args)
+    log = second.finish(timeout=300)
+    resumed = int(re.search(r"worker\(s\) on cpu, from step (\d+)", log)[1])
+    assert resumed >= copied >= 20 and resumed % 10 == 0
+    assert checkpoint.load(second.out / "final.pt")["step"] == 60
+    assert [r["step"] for r in metrics.read(second.out) if r["kind"] == "step"] == list(range(1, 61))
