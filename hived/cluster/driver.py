@@ -100,6 +100,7 @@ class ClusterDriver:
         self.workers: dict[int, dict[str, Any]] = {}
         self.starts = 0
         self.last_step = -1
+        self.saved_step = plan.state["step"] if plan.state is not None else 0  # of --out/latest.pt
         self.status_code = 0
         self.ray_address = ""
         self.started_ray = False
@@ -174,14 +175,14 @@ class ClusterDriver:
                 await asyncio.wait([fit, stopping], timeout=POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED)
                 if stopping.done() and not fit.done():
                     self.say(f"stopped by a signal; run the same command to continue from the last checkpoint "
-                             f"(step {self._saved_step()})")
+                             f"(step {self.saved_step})")
                     return 130
             await self._drain(mailbox)
             try:
                 fit.result()
             except Exception as exc:  # Ray's TrainingFailedError and what a worker raised inside it
                 self.say(f"the run failed after {max(0, self.starts - 1)} restart(s): {str(exc)[:2000]}\n"
-                         f"Run the same command to continue from the last checkpoint (step {self._saved_step()}).")
+                         f"Run the same command to continue from the last checkpoint (step {self.saved_step}).")
                 return 1
             return self.status_code
         finally:
@@ -191,10 +192,6 @@ class ClusterDriver:
             if self.metrics is not None:
                 self.metrics.close()
             await loop.run_in_executor(None, ray.shutdown)  # stops the local Ray only if it started here
-
-    def _saved_step(self) -> int:
-        latest = self.plan.out / "latest.pt"
-        return checkpoint.load(latest)["step"] if latest.exists() else 0
 
     # ----------------------------------------------------------------- rank 0's events
 
@@ -278,6 +275,8 @@ class ClusterDriver:
             return
         for name in data["names"]:
             checkpoint.atomic_write_bytes(self.plan.out / name, raw)
+        if "latest.pt" in data["names"]:
+            self.saved_step = state["step"]
         model, tok = model_from_state(state, self.plan.out / data["names"][0], device="cpu")
         self.events.emit("weights", model=model, tokenizer=tok, label=f"step {state['step']}")
 
