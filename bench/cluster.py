@@ -49,14 +49,15 @@ def run_hived(data: str, workers: int, steps: int, warmup: int, batch: int, tmp:
     seen: dict[str, float] = {}
     first_step = None
     metrics = out / "metrics.jsonl"
-    while proc.poll() is None:
+    while proc.poll() is None and first_step is None:  # then only wait: polling takes the workers' CPU
         text = log.read_text(errors="replace") if log.exists() else ""
         for marker in MARKERS:
             if marker not in seen and marker in text:
                 seen[marker] = time.time() - t0
-        if first_step is None and metrics.exists() and '"kind": "step"' in metrics.read_text():
+        if metrics.exists() and '"kind": "step"' in metrics.read_text():
             first_step = time.time() - t0
         time.sleep(0.05)
+    proc.wait()
     if proc.returncode != 0:
         raise SystemExit(f"hived cluster failed:\n{log.read_text()[-3000:]}")
     steps_seen = [r for r in map(json.loads, metrics.read_text().splitlines()) if r["kind"] == "step"]

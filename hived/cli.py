@@ -202,6 +202,8 @@ def train(config_file: str | None, host: str, port: int, no_ui: bool, threads: i
                                             "where Ray keeps checkpoints [default: OUT/ray]")
 @click.option("--max-failures", type=int, default=3, show_default=True,
               help="times Ray restarts the workers from the last checkpoint before giving up (-1: always)")
+@click.option("--resize-every", type=float, default=60.0, show_default=True,
+              help="with --workers MIN-MAX: seconds between Ray's checks for room to add workers")
 @click.option("--address", default="", envvar="RAY_ADDRESS",
               help="a running Ray cluster (auto, or HOST:PORT) [env RAY_ADDRESS]; default: start one here")
 @click.option("--join", "join_url", default="", help="train as one peer of this hive coordinator (ws:// or wss://)")
@@ -217,7 +219,7 @@ def train(config_file: str | None, host: str, port: int, no_ui: bool, threads: i
 @train_options
 @user_errors
 def cluster(config_file: str | None, workers: str, cpus_per_worker: float, gpus_per_worker: float, storage: str,
-            max_failures: int, address: str, join_url: str, key_file, name: str, max_rounds: int, host: str,
+            max_failures: int, resize_every: float, address: str, join_url: str, key_file, name: str, max_rounds: int, host: str,
             port: int, threads: int | None, api_key_file, **flags) -> None:
     """Train data-parallel on a Ray cluster (started here, or --address), with the dashboard and
     chat on this machine; or (--join) make the whole cluster one peer of a hive. Running the same
@@ -236,7 +238,7 @@ def cluster(config_file: str | None, workers: str, cpus_per_worker: float, gpus_
     try:
         opts = ClusterOptions(parse_workers(workers), cpus_per_worker, gpus_per_worker, storage, max_failures,
                               address, join_url, key_file.read().strip() if key_file else os.environ.get("HIVED_KEY", ""),
-                              name, max_rounds, threads or 0)
+                              name, max_rounds, threads or 0, resize_every)
     except ClusterError as exc:
         raise click.UsageError(str(exc)) from None
     flags["data"] = list(flags["data"]) or None

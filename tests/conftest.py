@@ -45,26 +45,58 @@ def env(tmp_path: Path) -> dict[str, str]:
     return e
 
 
-@pytest.fixture(scope="session")
-def ray_cluster() -> dict[str, str]:
-    """One local Ray for the whole test run (2 CPUs, no dashboard): the environment that reaches
-    it, address included, for `hived cluster` processes. Ray's token authentication stays on, with
-    a token of this run's own; Ray listens on the loopback address only (the variable that makes
-    it do so is Ray's switch for single-machine clusters)."""
-    ray_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-    head = subprocess.Popen([sys.executable, str(Path(__file__).with_name("ray_head.py")), "2"],
-                            env={**os.environ, **ray_env}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    address = head.stdout.readline().strip()
-    assert address.startswith("127.0.0.1:"), f"Ray did not start on the loopback address: {address!r}"
-    try:
-        yield {**ray_env, "RAY_ADDRESS": address}
-    finally:
-        head.stdin.close()
+class RayHead:
+    """The test run's one local Ray (tests/ray_head.py): the environment that reaches it, and
+    worker nodes a test may add and lose."""
+
+    def __init__(self, cpus: int = 2):
+        # Ray's token authentication stays on, with a token of this run's own; Ray listens on the
+        # loopback address only (the variable that makes it do so is Ray's switch for
+        # single-machine clusters).
+        self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("ray_head.py")), str(cpus)],
+                                     env={**os.environ, **self.env}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        address = self.proc.stdout.readline().strip()
+        assert address.startswith("127.0.0.1:"), f"Ray did not start on the loopback address: {address!r}"
+        self.env["RAY_ADDRESS"] = address
+
+    def command(self, line: str) -> str:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def add_node(self) -> int:
+        """A worker node of one CPU; its raylet's pid."""
+        return int(self.command("add"))
+
+    def kill_node(self) -> None:
+        """SIGKILL the newest node's processes: a lost machine."""
+        assert self.command("kill") == "killed"
+
+    def close(self) -> None:
+        self.proc.stdin.close()
         try:
-            head.wait(timeout=60)
+            self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            head.kill()
+            self.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> RayHead:
+    """One local Ray for the whole test run (2 CPUs, no dashboard)."""
+    head = RayHead()
+    try:
+        yield head
+    finally:
+        head.close()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_head: RayHead) -> dict[str, str]:
+    """The environment that reaches the test run's Ray, address included, for `hived cluster`."""
+    return ray_head.env
 
 
 # Small, fast settings for the 1m preset in tests.

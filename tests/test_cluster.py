@@ -208,6 +208,51 @@ def test_the_cluster_joins_a_hive_as_one_peer_with_all_its_workers_tokens(worksp
         hive.close()
 
 
+def test_a_range_of_workers_grows_onto_a_new_node_and_survives_losing_it(workspace, ray_head):
+    """--workers 2-3 starts on the two CPUs there are; a node with a third appears and Ray grows
+    the group to three; the node is SIGKILLed and the run goes on with two, each step recorded once."""
+    tmp, env, corpus = workspace
+    run = ClusterRun(tmp, env, "elastic", "--workers", "2-3", "--resize-every", "3", "--max-failures", "3",
+                     "--data", str(corpus), "--steps", "400", *SETTINGS)
+    run.wait_for(lambda s: step_of(s) >= 10 and len(s["cluster"]["workers"]) == 2, timeout=180)
+    ray_head.add_node()
+    try:
+        grown = run.wait_for(lambda s: {w["world_size"] for w in s["cluster"]["workers"]} == {3}, timeout=120)
+        assert sorted(w["rank"] for w in grown["cluster"]["workers"]) == [0, 1, 2]
+        run.wait_for(lambda s: s["cluster"]["restarts"] == 1 and step_of(s) > 0, timeout=60)
+    finally:
+        ray_head.kill_node()
+    run.wait_for(lambda s: s["cluster"]["restarts"] >= 2 and step_of(s) > 0
+                 and {w["world_size"] for w in s["cluster"]["workers"]} == {2}, timeout=240)
+    log = run.finish(timeout=300)
+    assert "Ray restarted the workers (3 now)" in log and "Ray restarted the workers (2 now)" in log
+    assert checkpoint.load(run.out / "final.pt")["step"] == 400
+    records = metrics.read(run.out)
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, 401))
+    sizes = [r["world_size"] for r in records if r["kind"] == "restart"]
+    assert sizes[0] == 3 and sizes[-1] == 2, sizes
+
+
+def test_without_an_address_it_starts_its_own_ray_with_workers_at_normal_priority_and_stops_it(workspace):
+    """No RAY_ADDRESS: `hived cluster` starts a Ray of its own beside the test run's, runs its
+    worker at nice 0 (Ray's default of 15 let Ray's own processes pause ranks in lockstep), and
+    at the end stops only that Ray: its worker is gone, the test run's Ray still answers."""
+    tmp, env, corpus = workspace
+    own = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    run = ClusterRun(tmp, own, "own", "--workers", "1", "--data", str(corpus), "--steps", "30", *SETTINGS)
+    status = run.wait_for(lambda s: step_of(s) >= 3 and s["cluster"]["workers"], timeout=180)
+    assert status["cluster"]["address"] != env["RAY_ADDRESS"]
+    worker = status["cluster"]["workers"][0]["pid"]
+    assert os.getpriority(os.PRIO_PROCESS, worker) == 0
+    log = run.finish(timeout=240)
+    assert "started here" in log
+    deadline = time.time() + 30
+    while Path(f"/proc/{worker}").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not Path(f"/proc/{worker}").exists(), "the Ray started by hived cluster outlived it"
+    assert checkpoint.load(run.out / "final.pt")["step"] == 30
+
+
 def test_the_same_command_continues_after_the_daemon_is_killed(workspace):
     """SIGKILL the daemon; the same command again continues from the newest checkpoint, and the
     records hold each step once. Last in the file: without Ray's dashboard, Ray Train's cleaner

@@ -36,12 +36,15 @@ class ClusterOptions:
     name: str = ""  # how the coordinator lists the cluster
     max_rounds: int = 0  # leave the hive after N rounds (0: never)
     threads: int = 0  # torch threads per worker (0: its CPUs)
+    resize_every: float = 60.0  # with MIN-MAX: seconds between Ray's checks for room to grow
 
     def __post_init__(self) -> None:
         if self.join and not self.key:
             raise ClusterError("--join needs the hive's key: --key-file FILE (or HIVED_KEY)")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
             raise ClusterError("--cpus-per-worker must be above 0, and --gpus-per-worker 0 or more")
+        if self.resize_every <= 0:
+            raise ClusterError("--resize-every is in seconds and must be above 0")
         if self.max_failures < -1:
             raise ClusterError("--max-failures counts restarts of the worker group; -1 means no limit")
 
