@@ -30,6 +30,11 @@ from .compression import MalformedTensor, pack, packed_nbytes
 PROTOCOL_VERSION = 3
 MAX_FRAME_BYTES = 64 << 20  # compressed, as received
 MAX_MESSAGE_BYTES = 256 << 20  # after decompression
+MAX_HELLO_BYTES = 16 << 10  # a frame before login, compressed or not: a Hello is a few hundred bytes
+# Maps, lists and their items in one message: the largest honest one (Welcome, a part of a large
+# model's weights) has a few thousand. A frame of a few hundred bytes can otherwise decode into
+# millions of objects (seconds of CPU, gigabytes).
+MAX_OBJECTS = 1 << 16
 CHUNK_BYTES = 1 << 20  # tensor payload per frame: a connection buffers about one part (bench/hive.py --scale)
 MAX_TEXT = 64  # names and device strings from peers
 MAX_REPLICAS = 64  # data-parallel workers one peer may speak for (a Ray cluster joined as one peer)
@@ -168,21 +173,37 @@ def encode(msg: Any) -> bytes:
     return zstandard.ZstdCompressor(level=_ZSTD_BIG if len(raw) > _BIG else _ZSTD_SMALL).compress(raw)
 
 
-def decode(frame: bytes) -> Any:
-    """Decode and validate one frame; anything unexpected raises ProtocolError."""
+def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
+    """Decode and validate one frame of at most ``max_bytes`` (before and after decompression);
+    anything unexpected raises ProtocolError."""
     if not isinstance(frame, (bytes, bytearray)):
         raise ProtocolError("expected a binary frame")
-    if len(frame) > MAX_FRAME_BYTES:
-        raise ProtocolError(f"frame of {len(frame)} bytes exceeds the {MAX_FRAME_BYTES}-byte cap")
+    if len(frame) > min(max_bytes, MAX_FRAME_BYTES):
+        raise ProtocolError(f"frame of {len(frame)} bytes exceeds the {min(max_bytes, MAX_FRAME_BYTES)}-byte cap")
     try:
-        raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=MAX_MESSAGE_BYTES)
+        # The size a frame's header declares is allocated at once by decompress(): checked first.
+        declared = zstandard.get_frame_parameters(frame).content_size
+        if declared != zstandard.CONTENTSIZE_UNKNOWN and declared > max_bytes:
+            raise ProtocolError(f"message of {declared} bytes once decompressed exceeds the {max_bytes}-byte cap")
+        raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=max_bytes)
     except zstandard.ZstdError as exc:
         raise ProtocolError(f"not a zstd frame: {exc}") from None
-    if len(raw) > MAX_MESSAGE_BYTES:
+    if len(raw) > max_bytes:
         raise ProtocolError("message too large once decompressed")
+    budget = [MAX_OBJECTS]
+
+    def counted(container: Any) -> Any:
+        budget[0] -= 1 + len(container)
+        if budget[0] < 0:
+            raise ProtocolError(f"more than {MAX_OBJECTS} objects in one message")
+        return container
+
     try:
-        payload = msgpack.unpackb(raw, raw=False, strict_map_key=True,
-                                  max_bin_len=MAX_MESSAGE_BYTES, max_str_len=1 << 20)
+        payload = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=max_bytes, max_str_len=1 << 20,
+                                  max_array_len=MAX_OBJECTS, max_map_len=MAX_OBJECTS,
+                                  list_hook=counted, object_hook=counted)
+    except ProtocolError:
+        raise
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"not a msgpack message: {type(exc).__name__}") from None
     if not isinstance(payload, dict) or payload.get("type") not in MESSAGES:

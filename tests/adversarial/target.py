@@ -1,0 +1,74 @@
+"""What an attack needs of the coordinator under attack (see conftest.py): its address, keys,
+status and memory, a login, and a check that the honest peers' rounds go on."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+
+import aiohttp
+from test_hive import Hive
+
+from hived.hive.protocol import PROTOCOL_VERSION, Hello, Welcome, decode, encode
+
+HONEST = ("honest-a", "honest-b")
+
+
+class Target:
+    """The coordinator under attack, and what an attacker and a test need of it."""
+
+    def __init__(self, hive: Hive):
+        self.hive = hive
+        self.url = f"{hive.url}/ws/peer"
+        self.pid = hive.coordinator.pid
+
+    def status(self) -> dict:
+        return self.hive.status()
+
+    def memory(self) -> tuple[int, int]:
+        """The coordinator's resident and peak resident memory, in bytes."""
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{self.pid}/status").read_text().splitlines())
+        return tuple(int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM"))
+
+    def key(self, name: str) -> str:
+        return self.hive.key(name)
+
+    def rounds_go_on(self, more: int = 2, timeout: float = 120) -> dict:
+        """Wait for ``more`` rounds in which both honest peers' updates were accepted."""
+        assert self.hive.coordinator.poll() is None, "the coordinator died"
+        start = self.status()["round"]
+        status = self.hive.wait(lambda s: s["round"] >= start + more, timeout=timeout)
+        honest = {p["name"]: p for p in status["peers"] if p["name"] in HONEST}
+        assert set(honest) == set(HONEST), f"an honest peer is gone: {status['peers']}"
+        assert all(p["strikes"] == 0 for p in honest.values())
+        recent = [r for r in status["history"] if r["round"] > start]
+        assert all(r["accepted"] >= 2 for r in recent), recent
+        return status
+
+    async def login(self, session: aiohttp.ClientSession, name: str) -> aiohttp.ClientWebSocketResponse:
+        """A WebSocket past the key check, its Welcome read."""
+        ws = await session.ws_connect(self.url, max_msg_size=0)
+        await ws.send_bytes(encode(Hello(PROTOCOL_VERSION, self.key(name), name, "cpu", 1)))
+        welcome = await ws.receive(timeout=30)
+        assert welcome.type == aiohttp.WSMsgType.BINARY and isinstance(decode(welcome.data), Welcome), welcome
+        return ws
+
+
+def small_window(addr_info) -> socket.socket:
+    """A client socket with a 4 KiB receive buffer: once its reader stops, the coordinator's
+    sends to it block within a few frames, however large the kernel's default buffers are."""
+    family, kind, proto, _, _ = addr_info
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return sock
+
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=300))
+
+
+def elapsed_since(t0: float) -> float:
+    return time.monotonic() - t0
