@@ -7,6 +7,7 @@ constant time, so timing reveals neither which key nor how much of it matched.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 import json
@@ -32,14 +33,23 @@ def _digest(key: str) -> str:
 class KeyStore:
     def __init__(self, state_dir: str | Path):
         self.path = Path(state_dir) / "keys.json"
+        self._read: tuple[tuple[int, int, int], dict[str, dict]] | None = None  # the file's identity, its keys
 
     def _load(self) -> dict[str, dict]:
-        if not self.path.exists():
-            return {}
+        """The keys as the file holds them now: read again only when it has changed, since every
+        login attempt, a stranger's included, checks a key."""
         try:
-            return json.loads(self.path.read_text())
-        except json.JSONDecodeError:
-            raise KeyStoreError(f"{self.path} is corrupt; restore it from a backup or remove it and add keys again") from None
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return {}
+        identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if self._read is None or self._read[0] != identity:
+            try:
+                self._read = identity, json.loads(self.path.read_text())
+            except json.JSONDecodeError:
+                raise KeyStoreError(f"{self.path} is corrupt; restore it from a backup or remove it and add keys "
+                                    "again") from None
+        return copy.deepcopy(self._read[1])
 
     def _save(self, keys: dict[str, dict]) -> None:
         atomic_write_bytes(self.path, json.dumps(keys, indent=1, sort_keys=True).encode())

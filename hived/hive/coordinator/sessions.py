@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 from aiohttp import WSMsgType, web
 
 from ..keys import KeyStore
-from ..protocol import MAX_REPLICAS, PROTOCOL_VERSION, Hello, ProtocolError, Refused, clean_text, decode, encode
+from ..protocol import (MAX_HELLO_BYTES, MAX_REPLICAS, PROTOCOL_VERSION, Hello, ProtocolError, Refused, clean_text,
+                        decode, encode)
 
 if TYPE_CHECKING:
     from .uploads import Upload
@@ -43,18 +44,31 @@ class PeerSession:
     tokens_per_sec: float = 0.0
     upload: Upload | None = None  # the update being received, part by part
     sent_at: float = 0.0
+    transport: asyncio.BaseTransport | None = None  # to drop a peer that no longer reads at once
+
+    def drop(self) -> None:
+        """Cut the connection without a closing handshake: a peer that stopped reading would
+        hold a WebSocket close up as long as it holds a send."""
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class LoginLimiter:
-    """Per-address rate limit on failed logins, holding at most ``max_addresses`` addresses (the
-    least recently failed are forgotten first), so that strangers cannot grow it without end."""
+    """Logins per address. Failed ones: after ``limit`` in ``window`` seconds, a wrong key from
+    that address is refused without a log line, while a valid key still gets in (a home NAT
+    shares its address with strangers); the count is taken when the key is checked, so parallel
+    connections get no more answers than sequential ones. Connections still logging in: at most
+    ``pending`` per address, the oldest closed to make room, so silent connections cannot pile
+    up nor keep a newer, real one out. At most ``max_addresses`` addresses are remembered (the
+    least recently failed are forgotten first), so strangers cannot grow it without end."""
 
-    def __init__(self, limit: int = 5, window: float = 60.0, max_addresses: int = 10_000):
-        self.limit, self.window, self.max_addresses = limit, window, max_addresses
+    def __init__(self, limit: int = 5, window: float = 60.0, pending: int = 8, max_addresses: int = 10_000):
+        self.limit, self.window, self.pending, self.max_addresses = limit, window, pending, max_addresses
         self.failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self.waiting: dict[str, deque[web.WebSocketResponse]] = {}
 
     def blocked(self, address: str) -> float:
-        """Seconds until ``address`` may try again (0: now)."""
+        """Seconds until a wrong key from ``address`` is answered again (0: now)."""
         times = self.failures.get(address)
         if times is None:
             return 0.0
@@ -71,6 +85,19 @@ class LoginLimiter:
         while len(self.failures) > self.max_addresses:
             self.failures.popitem(last=False)
 
+    def arrive(self, address: str, ws: web.WebSocketResponse) -> web.WebSocketResponse | None:
+        """Count a connection that has yet to log in; the one to close to make room, if any."""
+        waiting = self.waiting.setdefault(address, deque())
+        waiting.append(ws)
+        return waiting.popleft() if len(waiting) > self.pending else None
+
+    def leave(self, address: str, ws: web.WebSocketResponse) -> None:
+        waiting = self.waiting.get(address)
+        if waiting is not None and ws in waiting:
+            waiting.remove(ws)
+        if not waiting:
+            self.waiting.pop(address, None)
+
 
 async def refuse(ws: web.WebSocketResponse, reason: str, final: bool = False) -> None:
     """Tell the peer why, then close: 4001 for good (do not retry), 4002 for now."""
@@ -82,13 +109,20 @@ async def admit(ws: web.WebSocketResponse, address: str, limiter: LoginLimiter, 
                 connected: Iterable[PeerSession]) -> PeerSession | None:
     """Read the Hello and check the version and the key; the new session, or None once the
     connection has been refused and closed."""
-    wait = limiter.blocked(address)
-    if wait:
-        await refuse(ws, f"too many failed attempts from {address}; try again in {wait:.0f} s")
-        return None
+    crowded = limiter.arrive(address, ws)
+    if crowded is not None:
+        await crowded.close(code=4002, message=b"too many connections logging in from this address")
+    try:
+        return await _login(ws, address, limiter, keys, connected)
+    finally:
+        limiter.leave(address, ws)
+
+
+async def _login(ws: web.WebSocketResponse, address: str, limiter: LoginLimiter, keys: KeyStore,
+                 connected: Iterable[PeerSession]) -> PeerSession | None:
     try:
         msg = await ws.receive(timeout=HELLO_TIMEOUT)
-        hello = decode(msg.data) if msg.type == WSMsgType.BINARY else None
+        hello = decode(msg.data, MAX_HELLO_BYTES) if msg.type == WSMsgType.BINARY else None
         if not isinstance(hello, Hello):
             raise ProtocolError("the first frame must be a Hello")
         if not 1 <= hello.replicas <= MAX_REPLICAS:
@@ -102,7 +136,11 @@ async def admit(ws: web.WebSocketResponse, address: str, limiter: LoginLimiter, 
         return None
     key_name, banned = keys.check(hello.key)
     if key_name is None:
+        wait = limiter.blocked(address)
         limiter.fail(address)
+        if wait:
+            await refuse(ws, f"too many failed attempts from {address}; try again in {wait:.0f} s")
+            return None
         log.warning("refused a peer from %s: unknown or revoked key", address)
         await refuse(ws, "unknown or revoked key; ask the coordinator's operator for a key "
                          "(`hived keys add NAME`)", final=True)
