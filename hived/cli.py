@@ -415,6 +415,8 @@ STATE_DIR = _state_dir(required=True)
               help="updates received at once (bounds memory, whatever the number of peers)")
 @click.option("--send-slots", type=int, default=16, show_default=True,
               help="weight frames being sent at once, to all peers together (bounds memory likewise)")
+@click.option("--send-timeout", type=float, default=30.0, show_default=True,
+              help="seconds a peer has to take each part (about 1 MiB) of the weights before it is dropped")
 @click.option("--aggregator", type=click.Choice(["mean", "trimmed-mean", "centered-clip"]), default="mean",
               show_default=True, help="how updates are combined: robust ones bound what a dishonest peer can do")
 @click.option("--max-update-ratio", type=float, default=1.0, show_default=True,

@@ -24,6 +24,7 @@ class HiveConfig:
     max_strikes: int = 3
     upload_slots: int = 4  # updates received at once: bounds memory whatever the number of peers
     send_slots: int = 16  # weight frames being sent at once, likewise
+    send_timeout: float = 30.0  # seconds a peer has to take each frame (about 1 MiB) of the weights
 
     def __post_init__(self) -> None:
         if self.mode not in ("diloco", "sync"):
@@ -35,8 +36,9 @@ class HiveConfig:
         if min(self.inner_steps, self.min_peers, self.upload_slots, self.send_slots, self.max_strikes) < 1:
             raise ConfigError("--inner-steps, --min-peers, --upload-slots, --send-slots and --max-strikes must be "
                               "at least 1")
-        if self.round_timeout <= 0 or self.max_update_ratio <= 0 or self.clip_factor <= 1:
-            raise ConfigError("--round-timeout and --max-update-ratio must be positive, --clip-factor above 1")
+        if self.round_timeout <= 0 or self.send_timeout <= 0 or self.max_update_ratio <= 0 or self.clip_factor <= 1:
+            raise ConfigError("--round-timeout, --send-timeout and --max-update-ratio must be positive, "
+                              "--clip-factor above 1")
 
     @property
     def steps_per_round(self) -> int:

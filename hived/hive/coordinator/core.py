@@ -38,7 +38,7 @@ from ..aggregation import STRATEGIES, UpdateGuard, model_norm
 from ..compression import unpack
 from ..keys import KeyStore
 from ..protocol import (BAD_INPUT, MAX_FRAME_BYTES, Ack, Bye, Go, ProtocolError, Ready, Training, Update, Weights,
-                        Welcome, Work, encode, packed_ahead, tensor_frames)
+                        Welcome, Work, clean_text, encode, packed_ahead, tensor_frames)
 from . import state as disk
 from .config import HiveConfig
 from .evaluation import Evaluator
@@ -74,6 +74,12 @@ class Coordinator:
         self.tokens = 0
         self.ledger: dict[str, dict[str, Any]] = {}  # key name → rounds, tokens, the name last shown
         self.strikes: dict[str, int] = {}  # key name → bad updates not yet worked off
+        # A peer that stays connected but lets a round time out without its update sits out the
+        # next 4 rounds, then 8, 16... if it does so again, so that stalling costs the hive a
+        # timeout now and then, not one a round; an update on time clears its record. Kept by
+        # key, so reconnecting does not.
+        self.misses: dict[str, int] = {}  # key name → rounds missed in a row
+        self.sitting_out: dict[str, int] = {}  # key name → the first round it is sent work again
         self.history: deque[dict[str, Any]] = deque(maxlen=disk.HISTORY_KEPT)
         self.late = 0
         self.rejected = 0
@@ -153,7 +159,10 @@ class Coordinator:
         while self.hive.rounds == 0 or self.round < self.hive.rounds:
             # in the order of their keys, so that who trains on which windows does not depend on
             # who connected first: a hive with the same peers is reproducible
-            ready = sorted((p for p in self.peers.values() if not p.ws.closed), key=lambda p: p.key_name)
+            connected = sorted((p for p in self.peers.values() if not p.ws.closed), key=lambda p: p.key_name)
+            ready = [p for p in connected if self.sitting_out.get(p.key_name, 0) <= self.round]
+            if len(ready) < max(1, self.hive.min_peers):
+                ready = connected  # too few without those sitting out: slow rounds beat none
             if len(ready) < max(1, self.hive.min_peers):
                 self.evaluator.start()  # no round to overlap it with
                 self.changed.clear()
@@ -220,15 +229,20 @@ class Coordinator:
                 i = 0
                 while (f := await frame(i)) is not None:
                     async with self.sending:  # only a bounded number of frames sit in buffers
-                        await peer.ws.send_bytes(f)
+                        await asyncio.wait_for(peer.ws.send_bytes(f), self.hive.send_timeout)
                     rnd.bytes_out += len(f)
                     i += 1
                 if go:
                     rnd.uploading.add(peer.id)
                 work = encode(self._work(rnd.number, starts[peer.id], counts[peer.id], go))
-                await peer.ws.send_bytes(work)
+                await asyncio.wait_for(peer.ws.send_bytes(work), self.hive.send_timeout)
                 rnd.bytes_out += len(work)
                 peer.state, peer.sent_at = "working", time.time()
+            except asyncio.TimeoutError:
+                log.warning("dropping peer %s: it took no part of the weights in %g s (--send-timeout)",
+                            peer.name, self.hive.send_timeout)
+                rnd.expected.discard(peer.id)
+                peer.drop()
             except (ConnectionError, RuntimeError):
                 rnd.expected.discard(peer.id)
 
@@ -252,6 +266,13 @@ class Coordinator:
                 pass
         self.current = None
         rnd.closed = self.last_closed = time.time()
+        for pid in rnd.expected - rnd.reported:
+            peer = self.peers.get(pid)
+            if peer is not None and not peer.ws.closed:  # it was there, and let the round time out
+                missed = self.misses[peer.key_name] = self.misses.get(peer.key_name, 0) + 1
+                self.sitting_out[peer.key_name] = rnd.number + 1 + 2 ** (missed + 1)
+                log.warning("peer %s sent no update in round %d; it sits out %d rounds", peer.name,
+                            rnd.number + 1, 2 ** (missed + 1))
         for p in self.peers.values():
             if p.state == "working":
                 p.state = "idle"
@@ -282,6 +303,7 @@ class Coordinator:
         peer = await admit(ws, request.remote or "?", self.limiter, self.keys, self.peers.values())
         if peer is None:
             return ws
+        peer.transport = request.transport
         self.peers[peer.id] = peer
         log.info("peer %s (%s, key %s) joined from %s", peer.name, peer.device, peer.key_name, peer.address)
         try:
@@ -395,7 +417,17 @@ class Coordinator:
         if up.bytes > self.max_update_bytes:  # no honest update is larger than the model in fp32
             raise ProtocolError("update larger than the model")
         up.seen.add(m.part)
-        up.shapes.update(shapes)
+        # Only the model's own tensors are remembered until the update is judged: anything else
+        # is why it will be rejected, kept as one line, so what a peer makes the coordinator hold
+        # is bounded by the model, not by what it declares.
+        for name, shape in shapes.items():
+            if shape is not None and shape == self.guard.shapes.get(name):
+                up.shapes[name] = shape
+            elif not up.foreign:
+                expected = self.guard.shapes.get(name)
+                up.foreign = (f"{clean_text(name)} is not one of the model's tensors" if expected is None else
+                              f"{name} does not have the shape {tuple(expected)}")
+        del shapes
         up.squared_norm += squared
         # The caller holds ``known`` and ``m`` across its awaits (an Ack to a slow socket, the next
         # frame): emptied here, the part lives only as long as the aggregator needs it.
@@ -403,7 +435,7 @@ class Coordinator:
         known.clear()
         m.tensors = {}
         if up.rnd is not None and up.summing:
-            if (up.rnd is rnd and len(part) == len(shapes)
+            if (up.rnd is rnd and not up.foreign
                     and self.guard.admissible(math.sqrt(up.squared_norm), rnd.model_norm)):
                 # Weighted by the share of its work it did: 1.0 for a whole round's, so one peer's
                 # update passes through the mean exactly, and equal peers' by powers of two.
@@ -440,8 +472,11 @@ class Coordinator:
         it back out; no awaits, so the round cannot close half-way. Returns the status and detail
         for the peer's Ack. An update the guard accepts was summed whole: summing stops only for
         what it would reject."""
-        scale, status, detail = self.guard.check(up.shapes, math.sqrt(up.squared_norm), rnd.model_norm)
+        scale, status, detail = ((None, "rejected", up.foreign) if up.foreign else
+                                 self.guard.check(up.shapes, math.sqrt(up.squared_norm), rnd.model_norm))
         rnd.reported.add(peer.id)
+        self.misses.pop(peer.key_name, None)
+        self.sitting_out.pop(peer.key_name, None)
         if scale is None:
             self._aggregate(rnd, rnd.agg.discard, peer.key_name)
             rnd.rejected += 1
@@ -478,7 +513,8 @@ class Coordinator:
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "late_reports": self.late, "rejected_updates": self.rejected,
             "uptime": round(now - self.started, 1),
             "peers": [{
-                "name": p.name, "device": p.device, "replicas": p.replicas, "state": p.state, "rounds": p.rounds, "tokens": p.tokens,
+                "name": p.name, "device": p.device, "replicas": p.replicas, "rounds": p.rounds, "tokens": p.tokens,
+                "state": "sitting out" if self.sitting_out.get(p.key_name, 0) > self.round else p.state,
                 "tokens_per_sec": round(p.tokens_per_sec, 1), "last_seen": round(now - p.last_seen, 1),
                 "key": p.key_name, "strikes": self.strikes.get(p.key_name, 0),
                 "ledger": self.ledger.get(p.key_name, {}),

@@ -27,7 +27,8 @@ class Upload:
     parts: int
     rnd: Round | None  # the round it reports to (None: no round was open for it)
     tokens: int  # the tokens behind it (its weight), capped at what its peer was given
-    shapes: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # of the model's tensors it has sent
+    foreign: str = ""  # why a tensor it sent is not one of the model's (the first such), if one was not
     seen: set[int] = field(default_factory=set)
     squared_norm: float = 0.0
     bytes: int = 0
