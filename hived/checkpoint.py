@@ -3,10 +3,14 @@
 A crash or a full disk while saving must never leave a half-written file under the real name,
 so every write goes to a temporary file in the same folder, is fsynced, then renamed over the
 target (rename is atomic on POSIX), and the folder is fsynced so the rename itself is durable.
+A checksum of every tensor's bytes is stored with them and checked on load: torch reads
+corrupted tensor data without complaint, and NaN weights would be served, trained on and
+spread to a hive's peers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tempfile
@@ -42,9 +46,30 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def tensors_digest(value: Any) -> str:
+    """SHA-256 of every tensor in ``value`` (nested dicts, lists and tuples), with where each
+    sits, its dtype and shape, in the order they are stored."""
+    digest = hashlib.sha256()
+
+    def walk(where: str, v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            digest.update(f"{where}:{t.dtype}:{tuple(t.shape)};".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                walk(f"{where}/{k}", item)
+        elif isinstance(v, (list, tuple)):
+            for i, item in enumerate(v):
+                walk(f"{where}/{i}", item)
+
+    walk("", value)
+    return digest.hexdigest()
+
+
 def save(state: dict[str, Any], path: str | Path) -> None:
     buf = io.BytesIO()
-    torch.save({"format": FORMAT, "version": VERSION, **state}, buf)
+    torch.save({"format": FORMAT, "version": VERSION, **state, "tensors_sha256": tensors_digest(state)}, buf)
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
@@ -65,5 +90,12 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if state.get("version") != VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format version {state.get('version')}; this hived reads {VERSION}"
+        )
+    stored = state.pop("tensors_sha256", None)  # absent from checkpoints written before it was kept
+    body = {k: v for k, v in state.items() if k not in ("format", "version")}
+    if stored is not None and stored != tensors_digest(body):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its tensors do not match the checksum stored with them; "
+            "use another checkpoint of the run (best.pt, latest.pt, final.pt) or start a new --out"
         )
     return state

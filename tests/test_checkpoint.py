@@ -25,6 +25,29 @@ def test_truncated_checkpoint_gets_a_clear_error(tmp_path):
         checkpoint.load(path)
 
 
+def corrupt_tensor_data(path, entry: str = "data/0") -> None:
+    """Overwrite the middle of one tensor's stored bytes with NaNs, as a bad disk or a careless
+    edit would, leaving the file a valid archive that torch loads without complaint."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(entry))
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = (int.from_bytes(f.read(2), "little") for _ in range(2))
+        start = info.header_offset + 30 + name_len + extra_len
+        f.seek(start + info.file_size // 2)
+        f.write(torch.full((16,), float("nan")).numpy().tobytes())
+
+
+def test_corrupted_tensor_data_is_refused_with_a_clear_error(tmp_path):
+    path = tmp_path / "latest.pt"
+    checkpoint.save({"step": 1, "model": {"w": torch.randn(1000)}}, path)
+    corrupt_tensor_data(path)
+    with pytest.raises(CheckpointError, match="corrupt.*best.pt"):
+        checkpoint.load(path)
+
+
 def test_a_failed_write_leaves_the_old_file_intact(tmp_path):
     path = tmp_path / "latest.pt"
     checkpoint.save({"step": 1}, path)
