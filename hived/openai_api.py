@@ -94,7 +94,7 @@ def _sampling(body: dict, limits: ApiLimits, stop: list[str]) -> SamplingParams:
         top_k=top_k or None,
         repetition_penalty=_field(body, "repetition_penalty", number, 1.0, lambda v: 0 < v <= 10,
                                   "a number in (0, 10]"),
-        seed=_field(body, "seed", int, None, lambda v: True, "an integer"),
+        seed=_field(body, "seed", int, None, lambda v: -(2**63) <= v < 2**64, "an integer from -2**63 to 2**64 - 1"),
         stop=[*stops, *stop],
     )
 

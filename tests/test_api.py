@@ -133,6 +133,8 @@ def test_completions_plain_and_streamed_with_stop(daemon):
     (lambda c: c.chat.completions.create(model="run", messages=[]), openai.BadRequestError),
     (lambda c: c.completions.create(model="run", prompt="x" * 40_000, max_tokens=1), openai.BadRequestError),
     (lambda c: c.completions.create(model="run", prompt="x", n=3), openai.BadRequestError),
+    (lambda c: c.completions.create(model="run", prompt="x", max_tokens=2, seed=2**64), openai.BadRequestError),
+    (lambda c: c.completions.create(model="run", prompt="x", max_tokens=2, seed=-2**63 - 1), openai.BadRequestError),
 ])
 def test_bad_requests_get_openai_errors(daemon, call, error):
     with pytest.raises(error) as info:
