@@ -30,6 +30,8 @@ SETTINGS = ["--preset", "1m", "--batch-size", "4", "--eval-interval", "10", "--e
 class ClusterRun:
     """A real `hived cluster` process attached to the test run's Ray, with its dashboard's port."""
 
+    running: list[ClusterRun] = []  # stopped after each test, whatever became of it
+
     def __init__(self, tmp: Path, env: dict, name: str, *args: str):
         self.out = tmp / name
         self.port = free_port()
@@ -37,6 +39,7 @@ class ClusterRun:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hived.cli", "cluster", "--port", str(self.port), "--out", str(self.out), *args],
             env=env, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
+        ClusterRun.running.append(self)
 
     def status(self) -> dict | None:
         return daemon_status(self.port)
@@ -80,6 +83,22 @@ def completion(port: int) -> dict | None:
 
 def step_of(status: dict) -> int:
     return status.get("last", {}).get("step", {}).get("step", 0)
+
+
+@pytest.fixture(autouse=True)
+def no_run_outlives_its_test():
+    """A test that fails or times out leaves no daemon training on the shared Ray: it is
+    stopped as a user would stop it (SIGTERM: Ray's run ends with it), and killed if it will not."""
+    yield
+    for run in ClusterRun.running:
+        if run.proc.poll() is None:
+            run.proc.terminate()
+            try:
+                run.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                run.proc.kill()
+                run.proc.wait(timeout=30)
+    ClusterRun.running.clear()
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +227,7 @@ def test_the_cluster_joins_a_hive_as_one_peer_with_all_its_workers_tokens(worksp
         hive.close()
 
 
+@pytest.mark.timeout(600)  # Ray waits a minute for the lost node's worker before it shrinks the group
 def test_a_range_of_workers_grows_onto_a_new_node_and_survives_losing_it(workspace, ray_head):
     """--workers 2-3 starts on the two CPUs there are; a node with a third appears and Ray grows
     the group to three; the node is SIGKILLed and the run goes on with two, each step recorded once."""

@@ -1,5 +1,5 @@
 """The adversarial suite's target: a real coordinator (`hived serve`) on 127.0.0.1, training with
-two honest `hived join` peers, shared by every attack in the suite. Each attack checks that the
+two honest `hived join` peers, shared by every attack in the suite and stopped after it. Each attack checks that the
 daemon stays up, the honest peers keep completing rounds, and the coordinator's memory stays
 bounded."""
 
@@ -14,7 +14,7 @@ from test_hive import Hive
 from adversarial.target import HONEST, Target
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # not a moment longer: its rounds take CPU from every other test
 def target(tmp_path_factory) -> Target:
     tmp = tmp_path_factory.mktemp("adversarial")
     corpus = tmp / "corpus.txt"
