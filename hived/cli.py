@@ -219,8 +219,8 @@ def train(config_file: str | None, host: str, port: int, no_ui: bool, threads: i
 @train_options
 @user_errors
 def cluster(config_file: str | None, workers: str, cpus_per_worker: float, gpus_per_worker: float, storage: str,
-            max_failures: int, resize_every: float, address: str, join_url: str, key_file, name: str, max_rounds: int, host: str,
-            port: int, threads: int | None, api_key_file, **flags) -> None:
+            max_failures: int, resize_every: float, address: str, join_url: str, key_file, name: str,
+            max_rounds: int, host: str, port: int, threads: int | None, api_key_file, **flags) -> None:
     """Train data-parallel on a Ray cluster (started here, or --address), with the dashboard and
     chat on this machine; or (--join) make the whole cluster one peer of a hive. Running the same
     command again continues the run from its last checkpoint."""
