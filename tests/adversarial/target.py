@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from pathlib import Path
 
 import aiohttp
@@ -69,6 +68,3 @@ def small_window(addr_info) -> socket.socket:
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, timeout=300))
 
-
-def elapsed_since(t0: float) -> float:
-    return time.monotonic() - t0
