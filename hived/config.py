@@ -132,10 +132,29 @@ def build(cls: type, values: dict[str, Any], source: str):
         raise ConfigError(
             f"{source}: unknown option(s) {', '.join(unknown)}; valid ones are: {', '.join(sorted(names))}"
         )
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        _check_type(name, types[name], value, source)
     try:
         return cls(**values)
     except TypeError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
+
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list[str]": (list, str)}
+
+
+def _check_type(name: str, annotation: str, value: Any, source: str) -> None:
+    """Dataclasses do not check their fields, and a value can come from a TOML file, a
+    checkpoint or a coordinator's message: ``lr = "3e-3"`` must fail here, naming ``lr``."""
+    allowed = _TYPES.get(annotation)
+    if allowed is None:
+        return
+    bad = not isinstance(value, allowed) or (isinstance(value, bool) and annotation != "bool")
+    if annotation == "list[str]" and isinstance(value, list):
+        bad = not all(isinstance(v, str) for v in value)
+    if bad:
+        raise ConfigError(f"{source}: {name} must be of type {annotation}, not {type(value).__name__} {value!r}")
 
 
 def shipped(folder: str) -> Path:
@@ -186,28 +205,28 @@ class RunConfig:
     model: dict[str, Any]  # overrides for ModelConfig; vocab_size is filled in from the tokenizer
 
 
-def resolve(flags: dict[str, Any], config_file: str | None = None,
+def resolve(flags: dict[str, Any], model_table: dict[str, Any] | None = None,
             resumed: dict[str, Any] | None = None) -> RunConfig:
-    """Merge preset (or, on resume, the checkpoint's saved config), config file and flags.
+    """Merge preset (or, on resume, the checkpoint's saved config), the options given and a
+    ``[model]`` table (from a ``--config`` file: ``hived.settings`` has already merged its other
+    keys into ``flags``).
 
     A flag whose value is ``None`` was not given. On resume the model's shape comes from the
     checkpoint and cannot be changed; training options (steps, lr, ...) can.
     """
-    file_values: dict[str, Any] = _normalise(read_toml(config_file)) if config_file else {}
-    file_model = file_values.pop("model", {})
+    model_table = _normalise(model_table or {})
     given = {k: v for k, v in _normalise(flags).items() if v is not None}
     if resumed is not None:
         merged = dict(resumed["train_config"])
         preset_name = merged["preset"]
-        asked = given.get("preset") or file_values.get("preset")
-        if asked not in (None, preset_name) or file_model:
+        if given.get("preset") not in (None, preset_name) or model_table:
             raise ConfigError(
                 f"this run was trained with preset {preset_name}; a resumed run keeps its model, "
                 "so drop --preset/[model], or start a new run in another --out"
             )
         model = dict(resumed["model_config"])
     else:
-        preset_name = given.get("preset") or file_values.get("preset") or TrainConfig.preset
+        preset_name = given.get("preset") or TrainConfig.preset
         preset = load_preset(preset_name)
         merged = dict(preset.get("train", {}))
         tok = preset.get("tokenizer", {})
@@ -215,9 +234,8 @@ def resolve(flags: dict[str, Any], config_file: str | None = None,
             merged["tokenizer"] = tok["kind"]
         if "vocab_size" in tok:
             merged["vocab_size"] = tok["vocab_size"]
-        model = {**preset.get("model", {}), **_normalise(file_model)}
-        build(ModelConfig, model, f"preset {preset_name}")  # fail early on a bad shape
-    merged.update(file_values)
+        model = {**preset.get("model", {}), **model_table}
+        build(ModelConfig, model, f"preset {preset_name} with [model]" if model_table else f"preset {preset_name}")
     merged.update(given)
     merged["preset"] = preset_name
-    return RunConfig(train=build(TrainConfig, merged, config_file or "options"), model=model)
+    return RunConfig(train=build(TrainConfig, merged, "options"), model=model)

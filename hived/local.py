@@ -23,9 +23,9 @@ from .loop import checkpoint_state, run_steps
 from .trainer import Trainer, build_trainer
 
 
-def resolve_run(flags: dict[str, Any], config_file: str | None = None) -> tuple[RunConfig, dict | None]:
+def resolve_run(flags: dict[str, Any], model: dict[str, Any] | None = None) -> tuple[RunConfig, dict | None]:
     """The run's config, and on ``--resume`` the checkpoint it continues from."""
-    run = resolve(flags, config_file)
+    run = resolve(flags, model)
     out = Path(run.train.out)
     latest = out / "latest.pt"
     if not run.train.resume:
@@ -35,7 +35,7 @@ def resolve_run(flags: dict[str, Any], config_file: str | None = None) -> tuple[
     if not latest.exists():
         raise ConfigError(f"nothing to resume: {latest} does not exist; drop --resume to start a new run")
     state = checkpoint.load(latest)
-    return resolve(flags, config_file, resumed=state), state
+    return resolve(flags, model, resumed=state), state
 
 
 def train(run: RunConfig, state: dict | None = None, stream: TextIO | None = None,

@@ -147,17 +147,19 @@ def test_bad_checkpoints_and_run_folders_get_clear_errors(env, corpus, tmp_path)
     typo = tmp_path / "typo.toml"
     typo.write_text("stpes = 3\n")
     bad_cfg = hived("train", "--config", str(typo), "--out", str(tmp_path / "t"), env=env, check=False)
-    assert bad_cfg.returncode == 1 and "unknown option(s) stpes" in bad_cfg.stderr
+    assert bad_cfg.returncode == 2 and "unknown option(s) stpes" in bad_cfg.stderr
 
 
-def test_config_file_is_read_and_flags_override_it(env, corpus, tmp_path):
+def test_config_file_is_read_and_variables_and_flags_override_it(env, corpus, tmp_path):
     cfg = tmp_path / "run.toml"
-    cfg.write_text(f'data = ["{corpus}"]\nsteps = 50\nbatch-size = 3\nlr = 0.002\n'
+    cfg.write_text(f'data = ["{corpus}"]\nsteps = 50\nbatch-size = 3\nlr = 0.002\ngrad_accum = 2\n'
                    'eval_interval = 2\nsample_interval = 2\nsample_tokens = 5\n\n[model]\nn_layer = 1\n')
     run = tmp_path / "run"
-    hived("train", "--config", str(cfg), "--steps", "2", "--out", str(run), env=env)
+    hived("train", "--config", str(cfg), "--steps", "2", "--out", str(run), "--no-ui",
+          env={**env, "HIVED_STEPS": "7", "HIVED_GRAD_ACCUM": "1"})
     state = checkpoint.load(run / "final.pt")
-    assert state["train_config"]["steps"] == 2  # flag beats file
+    assert state["train_config"]["steps"] == 2  # flag beats variable and file
+    assert state["train_config"]["grad_accum"] == 1  # variable beats file
     assert state["train_config"]["batch_size"] == 3 and state["train_config"]["lr"] == 0.002  # file beats preset
     assert state["model_config"]["n_layer"] == 1 and state["model_config"]["n_embd"] == 128  # preset fills the rest
 

@@ -49,13 +49,13 @@ class Plan:
     summary: str
 
 
-def plan(flags: dict[str, Any], config_file: str | None, opts: ClusterOptions) -> Plan:
+def plan(flags: dict[str, Any], model: dict[str, Any], opts: ClusterOptions) -> Plan:
     """The run's config (a run already in --out continues), its tokenizer and model shape built
     here once, and the data paths made absolute (workers do not share this working directory)."""
     out = Path(flags.get("out") or "runs/default")
     latest = out / "latest.pt"
     state = checkpoint.load(latest) if latest.exists() else None
-    run = resolve(flags, config_file, resumed=state)
+    run = resolve(flags, model, resumed=state)
     run.train.data = [str(Path(d).resolve()) if Path(d).exists() else d for d in run.train.data]
     if opts.join:
         return Plan(run, opts, out, {}, None, f"joining {opts.join} as one peer")
