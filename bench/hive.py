@@ -325,6 +325,7 @@ def pieces(compression: str, calls: int = 30) -> None:
 
     from hived.hive.aggregation import WeightedMean, model_norm
     from hived.hive.compression import ErrorFeedback, unpack
+    from hived.hive.coordinator.limits import Limits
     from hived.hive.coordinator.uploads import decode_frame
     from hived.hive.protocol import Update, Weights, decode, tensor_frames
     from hived.hive.worker import TrainerWorker
@@ -338,7 +339,7 @@ def pieces(compression: str, calls: int = 30) -> None:
     weights = [job() for job in tensor_frames(Weights(0, 0, 0), {k: p.data for k, p in params.items()}, compression)]
     shapes = {k: tuple(p.shape) for k, p in params.items()}
     peer = types.SimpleNamespace(trainer=types.SimpleNamespace(model=model), loaded=set())
-    decoded = [decode_frame(f, shapes) for f in update]
+    decoded = [decode_frame(f, shapes, Limits()) for f in update]
     outer = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9, nesterov=True, fused=fused(torch.device("cpu")))
 
     def aggregate() -> None:
@@ -359,7 +360,7 @@ def pieces(compression: str, calls: int = 30) -> None:
         ("peer: pack the update (error feedback, msgpack, zstd)",
          lambda: [job() for job in tensor_frames(Update(0, 0, 0, 64, 3.0, 0.1), delta, compression, feedback.pack)]),
         ("coordinator: decode an update (zstd, msgpack, float32, norm)",
-         lambda: [decode_frame(f, shapes) for f in update]),
+         lambda: [decode_frame(f, shapes, Limits()) for f in update]),
         ("coordinator: sum it (add, commit, divide)", aggregate),
         ("coordinator: outer step", step),
         ("coordinator: the model's norm", lambda: model_norm(params)),

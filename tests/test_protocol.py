@@ -157,7 +157,7 @@ def test_weighted_mean_sums_parts_and_takes_back_what_is_not_committed():
 def test_update_guard():
     guard = UpdateGuard({"w": torch.Size([2])}, max_ratio=1.0, clip_factor=5.0)
     for _ in range(3):
-        assert guard.check({"w": (2,)}, 0.1, model_norm=10.0) == (1.0, "accepted", "")
+        assert guard.check({"w": (2,)}, 0.1, model_norm=10.0) == (1.0, "accepted", "", "")
     assert guard.check({"w": (2,)}, squared_norm([torch.tensor([float("nan"), 0.0])]), 10.0)[1] == "rejected"
     assert guard.check({"w": (2,)}, float("inf"), 10.0)[1] == "rejected"
     assert guard.check({"w": (3,)}, 0.1, 10.0)[1] == "rejected"
@@ -166,7 +166,7 @@ def test_update_guard():
     assert guard.check({"w": (2,), "v": (2,)}, 0.1, 10.0)[1] == "rejected"
     assert guard.check({"w": (2,)}, 100.0, 10.0)[1] == "rejected"  # beyond the model's norm
     assert guard.admissible(10.0, 10.0) and not guard.admissible(10.1, 10.0) and not guard.admissible(math.nan, 10.0)
-    scale, status, _ = guard.check({"w": (2,)}, 5.0, 10.0)  # 50x the median: clipped to 5x
+    scale, status, *_ = guard.check({"w": (2,)}, 5.0, 10.0)  # 50x the median: clipped to 5x
     assert status == "clipped" and scale == pytest.approx(0.1)
     for _ in range(10):  # clipped norms stay out of the median: the limit does not creep up
         assert guard.check({"w": (2,)}, 5.0, 10.0)[1] == "clipped"

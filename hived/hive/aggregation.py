@@ -298,23 +298,26 @@ class UpdateGuard:
         return math.isfinite(norm) and norm <= self.max_ratio * model_norm
 
     def check(self, shapes: dict[str, tuple[int, ...] | None], norm: float,
-              model_norm: float) -> tuple[float | None, str, str]:
-        """(factor to scale the update by, or None to drop it; status accepted|clipped|rejected; detail)."""
+              model_norm: float) -> tuple[float | None, str, str, str]:
+        """(factor to scale the update by, or None to drop it; status accepted|clipped|rejected;
+        the reason, a word for counting (empty if accepted); the detail, for the peer and the log)."""
         if set(shapes) != set(self.shapes):
-            return None, "rejected", "wrong set of tensors"
+            return None, "rejected", "wrong_tensors", "wrong set of tensors"
         for name, shape in shapes.items():
             if shape != self.shapes[name]:
-                return None, "rejected", f"{name} has shape {shape}, expected {self.shapes[name]}"
+                return None, "rejected", "wrong_shape", f"{name} has shape {shape}, expected {self.shapes[name]}"
+        if not math.isfinite(norm):
+            return None, "rejected", "not_finite", "NaN or Inf values (or a norm beyond float32)"
         if not self.admissible(norm, model_norm):
-            return None, "rejected", ("NaN or Inf values (or a norm beyond float32)" if not math.isfinite(norm) else
-                                      f"norm {norm:.3g} exceeds {self.max_ratio:g}x the model's norm {model_norm:.3g}")
+            return (None, "rejected", "too_large",
+                    f"norm {norm:.3g} exceeds {self.max_ratio:g}x the model's norm {model_norm:.3g}")
         if len(self.norms) >= 3:
             limit = self.clip_factor * statistics.median(self.norms)
             if norm > limit:  # left out of the history, so outliers cannot raise the limit
-                return (limit / norm, "clipped",
+                return (limit / norm, "clipped", "above_median",
                         f"norm {norm:.3g} clipped to {limit:.3g} ({self.clip_factor:g}x the median)")
         self.norms.append(norm)
-        return 1.0, "accepted", ""
+        return 1.0, "accepted", "", ""
 
 
 def squared_norm(tensors: Iterable[torch.Tensor]) -> float:

@@ -173,13 +173,15 @@ def encode(msg: Any) -> bytes:
     return zstandard.ZstdCompressor(level=_ZSTD_BIG if len(raw) > _BIG else _ZSTD_SMALL).compress(raw)
 
 
-def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
-    """Decode and validate one frame of at most ``max_bytes`` (before and after decompression);
-    anything unexpected raises ProtocolError."""
+def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES, max_objects: int = MAX_OBJECTS,
+           max_frame: int = MAX_FRAME_BYTES) -> Any:
+    """Decode and validate one frame of at most ``min(max_frame, max_bytes)`` bytes as received,
+    ``max_bytes`` decompressed and ``max_objects`` maps, lists and items; anything unexpected
+    raises ProtocolError."""
     if not isinstance(frame, (bytes, bytearray)):
         raise ProtocolError("expected a binary frame")
-    if len(frame) > min(max_bytes, MAX_FRAME_BYTES):
-        raise ProtocolError(f"frame of {len(frame)} bytes exceeds the {min(max_bytes, MAX_FRAME_BYTES)}-byte cap")
+    if len(frame) > min(max_bytes, max_frame):
+        raise ProtocolError(f"frame of {len(frame)} bytes exceeds the {min(max_bytes, max_frame)}-byte cap")
     try:
         # The size a frame's header declares is allocated at once by decompress(): checked first.
         declared = zstandard.get_frame_parameters(frame).content_size
@@ -190,17 +192,17 @@ def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
         raise ProtocolError(f"not a zstd frame: {exc}") from None
     if len(raw) > max_bytes:
         raise ProtocolError("message too large once decompressed")
-    budget = [MAX_OBJECTS]
+    budget = [max_objects]
 
     def counted(container: Any) -> Any:
         budget[0] -= 1 + len(container)
         if budget[0] < 0:
-            raise ProtocolError(f"more than {MAX_OBJECTS} objects in one message")
+            raise ProtocolError(f"more than {max_objects} objects in one message")
         return container
 
     try:
         payload = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=max_bytes, max_str_len=1 << 20,
-                                  max_array_len=MAX_OBJECTS, max_map_len=MAX_OBJECTS,
+                                  max_array_len=max_objects, max_map_len=max_objects,
                                   list_hook=counted, object_hook=counted)
     except ProtocolError:
         raise

@@ -2,5 +2,6 @@
 
 from .config import HiveConfig
 from .core import COORDINATOR, Coordinator, add_routes
+from .limits import Limits
 
-__all__ = ["COORDINATOR", "Coordinator", "HiveConfig", "add_routes"]
+__all__ = ["COORDINATOR", "Coordinator", "HiveConfig", "Limits", "add_routes"]

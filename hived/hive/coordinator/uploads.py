@@ -12,6 +12,7 @@ import torch
 from ..aggregation import squared_norm
 from ..compression import unpack
 from ..protocol import Update, decode
+from .limits import Limits
 
 if TYPE_CHECKING:
     from .rounds import Round
@@ -39,11 +40,11 @@ class Upload:
 Part = list[tuple[str, torch.Tensor, Any]]  # (name, tensor as received, its packed form)
 
 
-def decode_frame(frame: bytes, shapes: dict[str, tuple[int, ...]]) -> tuple[Any, Part, float]:
+def decode_frame(frame: bytes, shapes: dict[str, tuple[int, ...]], limits: Limits) -> tuple[Any, Part, float]:
     """A frame's message and, for an update part, the tensors the model has (name, float32,
     packed) and their squared norm. Converted once, for both the norm and the sum; anything
     else is left for the guard to reject, never unpacked."""
-    m = decode(frame)
+    m = decode(frame, limits.max_message_bytes, limits.max_message_objects, limits.max_frame_bytes)
     if not isinstance(m, Update):
         return m, [], 0.0
     known = [(name, unpack(d).float(), d) for name, d in m.tensors.items() if declared_shape(d) == shapes.get(name)]
