@@ -36,10 +36,13 @@ class RunState:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: set[asyncio.Queue[str | None]] = set()
+        self.taps: list[Callable[[str, dict[str, Any]], None]] = []  # also told of every event (the metrics)
 
     # ----------------------------------------------------------------- recording (any thread)
 
     def __call__(self, kind: str, data: dict[str, Any]) -> None:
+        for tap in self.taps:
+            tap(kind, data)
         record = {"kind": kind, "time": time.time(), **_plain(data)}
         with self._lock:
             if kind in self.points:

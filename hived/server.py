@@ -11,24 +11,47 @@ from __future__ import annotations
 import asyncio
 import errno
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
-from . import dashboard, openai_api
+from . import dashboard, monitoring, openai_api
 from .config import shipped
 from .dashboard import RunState
+from .monitoring import Monitor
 from .openai_api import ApiLimits
 from .serving import ModelHost
 
 
-def make_app(state: RunState, host: ModelHost, limits: ApiLimits | None = None) -> web.Application:
+@dataclass(frozen=True)
+class HttpLimits:
+    """How long a client may take: ``header_timeout`` to send a request's headers (also how long an
+    idle keep-alive connection stays open), ``body_timeout`` its body. Without them a client that
+    sends a byte now and then holds a connection, and a handler, for as long as it likes."""
+
+    header_timeout: float = 15.0
+    body_timeout: float = 30.0
+
+
+HTTP_LIMITS = web.AppKey("http_limits", HttpLimits)
+HTTP_HELP = {"header_timeout": "seconds a client has to send a request's headers, and an idle connection stays open",
+             "body_timeout": "seconds a client has to send a request's body"}
+
+
+def make_app(state: RunState, host: ModelHost, limits: ApiLimits | None = None,
+             http: HttpLimits = HttpLimits()) -> web.Application:
     web_dir = shipped("web")
-    app = web.Application(client_max_size=1 << 20)  # chat requests are small; peers use the WebSocket
+    # chat requests are small; peers use the WebSocket
+    app = web.Application(client_max_size=1 << 20, middlewares=[_body_deadline])
+    app[HTTP_LIMITS] = http
     app.router.add_get("/", _page(web_dir / "index.html"))
     app.router.add_get("/chat", _page(web_dir / "chat.html"))
     app.router.add_static("/static", web_dir)
     dashboard.add_routes(app, state)
+    monitor = Monitor(state.role, state.extra_status)
+    state.taps.append(monitor)
+    monitoring.add_routes(app, monitor)
     openai_api.add_routes(app, host, limits or ApiLimits())
 
     async def close_host(app: web.Application) -> None:
@@ -36,6 +59,25 @@ def make_app(state: RunState, host: ModelHost, limits: ApiLimits | None = None) 
 
     app.on_cleanup.append(close_host)
     return app
+
+
+@web.middleware
+async def _body_deadline(request: web.Request, handler):
+    """Read a request's whole body within ``body_timeout`` before its handler runs (the body is
+    kept, so ``request.json()`` reads it from memory)."""
+    if request.body_exists:
+        try:
+            await asyncio.wait_for(request.read(), request.app[HTTP_LIMITS].body_timeout)
+        except asyncio.TimeoutError:
+            raise web.HTTPRequestTimeout(text="the request body took too long to arrive") from None
+    return await handler(request)
+
+
+def runner(app: web.Application) -> web.AppRunner:
+    """The app's runner, closing connections whose request headers are not in by ``header_timeout``:
+    aiohttp's keep-alive timer covers a connection from its first byte until a request is
+    complete, and again between requests."""
+    return web.AppRunner(app, access_log=None, keepalive_timeout=app[HTTP_LIMITS].header_timeout)
 
 
 def _page(path: Path):
@@ -66,7 +108,7 @@ class Background:
 
     def __init__(self, app: web.Application, host: str, port: int):
         self.loop = asyncio.new_event_loop()
-        self.runner = web.AppRunner(app, access_log=None)
+        self.runner = runner(app)
         self.notice = ""
         self.port = self.loop.run_until_complete(self._start(host, port))
         self.url = f"http://{host}:{self.port}/"

@@ -14,12 +14,14 @@ import asyncio
 import logging
 import random
 import ssl
+import time
 from dataclasses import dataclass
 
 import aiohttp
 import torch
 
 from ..device import describe, pick_device
+from ..events import Events
 from .compression import ErrorFeedback
 from .protocol import (BAD_INPUT, MAX_FRAME_BYTES, PROTOCOL_VERSION, Ack, Bye, Go, Hello, Ready, Refused, Training,
                        Update, Weights, Welcome, Work, decode, encode, packed_ahead, tensor_frames)
@@ -50,6 +52,17 @@ class HivePeer:
         self.feedback: ErrorFeedback | None = None
         self.rounds = 0
         self.failures = 0  # connections in a row that ended before a Welcome: sets the backoff
+        self.events = Events()  # "round" after each round's update is sent (the metrics' durations)
+        self.connected = False
+        self.tokens = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.train_loss: float | None = None
+
+    def status(self) -> dict:
+        """What ``--metrics-port`` reports."""
+        return {"role": "peer", "connected": self.connected, "rounds": self.rounds, "tokens": self.tokens,
+                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "train_loss": self.train_loss}
 
     def _receive(self, frame: bytes) -> object:
         """Decode a frame and act on a Welcome (build the model) or Weights (load them): in a
@@ -69,6 +82,7 @@ class HivePeer:
         pack_one = self.feedback.pack if header.tokens else None
         async for frame in packed_ahead(tensor_frames(header, delta, self.feedback.compression, pack_one)):
             await ws.send_bytes(frame)
+            self.bytes_out += len(frame)
 
     async def session(self, ws: aiohttp.ClientWebSocketResponse) -> bool:
         """One connection; True when the peer is done (max rounds reached)."""
@@ -76,9 +90,11 @@ class HivePeer:
         await ws.send_bytes(encode(Hello(PROTOCOL_VERSION, self.opts.key, self.opts.name,
                                          describe(self.worker.device), self.worker.replicas)))
         pending: tuple[Update, dict[str, torch.Tensor]] | None = None  # waiting for the coordinator's Go
+        counted: dict[int, int] = {}  # round → the tokens of the update sent for it, until it is acknowledged
         async for msg in ws:
             if msg.type != aiohttp.WSMsgType.BINARY:
                 break
+            self.bytes_in += len(msg.data)
             m = await loop.run_in_executor(None, self._receive, msg.data)  # a Welcome or Weights is applied there
             if isinstance(m, Welcome):
                 self.failures = 0
@@ -88,8 +104,12 @@ class HivePeer:
                 log.warning("coordinator: %s", m.reason)
                 return False
             if isinstance(m, Work):
+                started = time.perf_counter()
                 await ws.send_bytes(encode(Training(m.round)))
                 pending = await loop.run_in_executor(None, self.worker.work, m)
+                self.train_loss = pending[0].loss
+                counted = {m.round: pending[0].tokens}
+                self.events.emit("round", round=m.round + 1, seconds=time.perf_counter() - started)
                 if m.go:
                     await self.upload(ws, *pending)
                     pending = None
@@ -103,6 +123,7 @@ class HivePeer:
                     log.warning("round %d: update %s %s", m.round + 1, m.status, m.detail)
                 if m.status in ("accepted", "clipped"):
                     self.rounds += 1
+                    self.tokens += counted.pop(m.round, 0)
                 if self.opts.max_rounds and self.rounds >= self.opts.max_rounds:
                     await ws.send_bytes(encode(Bye("done")))
                     return True
@@ -117,9 +138,13 @@ class HivePeer:
                 try:
                     async with http.ws_connect(url, max_msg_size=MAX_FRAME_BYTES, heartbeat=30, ssl=tls) as ws:
                         log.info("connected to %s", self.opts.url)
-                        if await self.session(ws):
-                            log.info("left after %d round(s)", self.rounds)
-                            return 0
+                        self.connected = True
+                        try:
+                            if await self.session(ws):
+                                log.info("left after %d round(s)", self.rounds)
+                                return 0
+                        finally:
+                            self.connected = False
                 except Refusal as exc:
                     log.error("refused by the coordinator: %s", exc)
                     return 1
