@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import signal
 import sys
 import threading
@@ -15,6 +16,11 @@ import click
 from .checkpoint import CheckpointError
 from .config import ConfigError, ModelConfig, TrainConfig, load_preset, preset_names
 from .data import DataError, build_tokenizer, discover, texts
+from .logs import FORMATS, configure
+from .hive.coordinator.limits import HELP as LIMITS_HELP
+from .hive.coordinator.limits import Limits
+from .server import HTTP_HELP, HttpLimits
+from .settings import MODEL_TABLE, config_option, from_environment
 from .tokenizer import TokenizerError
 
 if TYPE_CHECKING:
@@ -45,7 +51,7 @@ TRAIN_HELP = {
     "eval_tokens": "most validation tokens per evaluation",
     "sample_interval": "print a text sample every N steps",
     "sample_tokens": "length of those samples",
-    "checkpoint_interval": "write latest.pt every N steps (a coordinator: its state every N rounds, default 10)",
+    "checkpoint_interval": "write latest.pt every N steps (a coordinator checkpoints every round)",
     "log_interval": "a progress line every N steps (when not on a terminal)",
     "out": "run folder for checkpoints, metrics and tokenizer.json",
     "resume": "continue the run in --out from its latest.pt",
@@ -73,8 +79,27 @@ def train_options(fn):
         else:
             fn = click.option(flag, type={"int": int, "float": float}.get(f.type, str), default=None,
                               help=help_text)(fn)
-    return click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                        help="a TOML file with any of these options (flags override it)")(fn)
+    return config_option(model_table=True)(fn)
+
+
+def dataclass_options(cls: type, help: dict[str, str], prefix: str = ""):
+    """One option per field of ``cls`` (``--{prefix}{field}``), defaulting to the field's default;
+    ``pop_dataclass`` collects them back into a ``cls``."""
+    def decorate(fn):
+        for f in reversed(dataclasses.fields(cls)):
+            fn = click.option("--" + (prefix + f.name).replace("_", "-"), type={"int": int, "float": float}[f.type],
+                              default=f.default, show_default=True, help=help[f.name])(fn)
+        return fn
+    return decorate
+
+
+def pop_dataclass(cls: type, flags: dict, prefix: str = ""):
+    return cls(**{f.name: flags.pop(prefix + f.name) for f in dataclasses.fields(cls)})
+
+
+def _model_table() -> dict:
+    """The ``[model]`` table of the command's ``--config`` file (empty without one)."""
+    return click.get_current_context().meta.get(MODEL_TABLE, {})
 
 
 def user_errors(fn):
@@ -108,6 +133,10 @@ def stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
     return stop
+
+
+LOG_FORMAT = click.option("--log-format", type=click.Choice(FORMATS), default="text", show_default=True,
+                          help="one line per event: text, or JSON for a log pipeline")
 
 
 WEB_HOST = click.option("--host", default="127.0.0.1", show_default=True,
@@ -148,6 +177,7 @@ def _open_browser(url: str) -> None:
         webbrowser.open(url)
 
 
+@from_environment
 @main.command()
 @WEB_HOST
 @click.option("--port", type=int, default=8765, show_default=True,
@@ -166,7 +196,7 @@ def train(config_file: str | None, host: str, port: int, no_ui: bool, threads: i
     from .local import train as run_training
 
     flags["data"] = list(flags["data"]) or None
-    run, state = resolve_run(flags, config_file)
+    run, state = resolve_run(flags, _model_table())
     stop = stop_on_signals()
     listeners: tuple = ()
     ui = None
@@ -193,6 +223,7 @@ def train(config_file: str | None, host: str, port: int, no_ui: bool, threads: i
         sys.exit(130)
 
 
+@from_environment
 @main.command()
 @click.option("--workers", default="1", show_default=True,
               help="Ray Train workers: N, or MIN-MAX to start once MIN fit and grow as more appear")
@@ -216,11 +247,13 @@ def train(config_file: str | None, host: str, port: int, no_ui: bool, threads: i
 @click.option("--threads", type=click.IntRange(min=1), envvar="HIVED_THREADS",
               help="torch threads in each worker [default: its CPUs]")
 @API_KEY
+@LOG_FORMAT
 @train_options
 @user_errors
 def cluster(config_file: str | None, workers: str, cpus_per_worker: float, gpus_per_worker: float, storage: str,
             max_failures: int, resize_every: float, address: str, join_url: str, key_file, name: str,
-            max_rounds: int, host: str, port: int, threads: int | None, api_key_file, **flags) -> None:
+            max_rounds: int, host: str, port: int, threads: int | None, api_key_file, log_format: str,
+            **flags) -> None:
     """Train data-parallel on a Ray cluster (started here, or --address), with the dashboard and
     chat on this machine; or (--join) make the whole cluster one peer of a hive. Running the same
     command again continues the run from its last checkpoint."""
@@ -231,10 +264,10 @@ def cluster(config_file: str | None, workers: str, cpus_per_worker: float, gpus_
     from .cluster.options import ClusterError, ClusterOptions, parse_workers
     from .dashboard import RunState
     from .events import Events
-    from .server import make_app, start_site
+    from .server import make_app, runner, start_site
     from .serving import ModelHost
 
-    _logging()
+    log = _logging(log_format)
     try:
         opts = ClusterOptions(parse_workers(workers), cpus_per_worker, gpus_per_worker, storage, max_failures,
                               address, join_url, key_file.read().strip() if key_file else os.environ.get("HIVED_KEY", ""),
@@ -242,7 +275,7 @@ def cluster(config_file: str | None, workers: str, cpus_per_worker: float, gpus_
     except ClusterError as exc:
         raise click.UsageError(str(exc)) from None
     flags["data"] = list(flags["data"]) or None
-    the_plan = plan(flags, config_file, opts)
+    the_plan = plan(flags, _model_table(), opts)
     events = Events()
     driver = ClusterDriver(the_plan, events)
     run_state = RunState("cluster", status=driver.status)
@@ -252,18 +285,17 @@ def cluster(config_file: str | None, workers: str, cpus_per_worker: float, gpus_
 
     async def serve_and_train() -> int:
         import signal
-        from aiohttp import web
 
-        runner = web.AppRunner(make_app(run_state, model_host, _api_limits(api_key_file)), access_log=None)
-        bound, notice = await start_site(runner, host, port)
-        click.echo(f"hived: {notice}dashboard at http://{host}:{bound}/ (chat at http://{host}:{bound}/chat)", err=True)
+        app_runner = runner(make_app(run_state, model_host, _api_limits(api_key_file)))
+        bound, notice = await start_site(app_runner, host, port)
+        log.info("%sdashboard at http://%s:%d/ (chat at http://%s:%d/chat)", notice, host, bound, host, bound)
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(signum, stop.set)
         try:
             return await driver.run(stop)
         finally:
-            await runner.cleanup()
+            await app_runner.cleanup()
 
     try:
         sys.exit(asyncio.run(serve_and_train()))
@@ -381,10 +413,10 @@ def chat(checkpoint: str | None, url: str | None, typewriter: float | None) -> N
     sys.exit(run(backend, typewriter=typewriter))
 
 
-def _logging() -> None:
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+def _logging(fmt: str) -> logging.Logger:
+    """The daemon's log, and its own logger for what it says about itself."""
+    configure(fmt)
+    return logging.getLogger("hived")
 
 
 def _state_dir(required: bool):
@@ -395,6 +427,7 @@ def _state_dir(required: bool):
 STATE_DIR = _state_dir(required=True)
 
 
+@from_environment
 @main.command()
 @click.option("--role", type=click.Choice(["coordinator"]), default="coordinator", show_default=True)
 @click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True),
@@ -427,12 +460,16 @@ STATE_DIR = _state_dir(required=True)
               help="ban a key after this many rejected or clipped updates (each clean one works one off)")
 @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), help="serve https/wss with this certificate")
 @click.option("--tls-key", type=click.Path(dir_okay=False, exists=True))
+@dataclass_options(Limits, LIMITS_HELP)
+@dataclass_options(HttpLimits, HTTP_HELP, prefix="http_")
 @THREADS
 @API_KEY
+@LOG_FORMAT
 @train_options
 @user_errors
 def serve(role: str, checkpoint: str | None, state_dir: str | None, host: str, port: int, tls_cert: str | None,
-          tls_key: str | None, threads: int | None, api_key_file, config_file: str | None, **flags) -> None:
+          tls_key: str | None, threads: int | None, api_key_file, log_format: str, config_file: str | None,
+          **flags) -> None:
     """Run the daemon: a hive coordinator that peers join with `hived join`, or (--checkpoint) a
     trained model's dashboard and chat. Both serve the dashboard at / and the chat at /chat."""
     import ssl
@@ -443,8 +480,9 @@ def serve(role: str, checkpoint: str | None, state_dir: str | None, host: str, p
     from .server import make_app
     from .serving import ModelHost
 
-    _logging()
+    log = _logging(log_format)
     _use_threads(threads)
+    limits, http_limits = pop_dataclass(Limits, flags), pop_dataclass(HttpLimits, flags, prefix="http_")
     context = None
     if tls_cert:
         if not tls_key:
@@ -454,9 +492,9 @@ def serve(role: str, checkpoint: str | None, state_dir: str | None, host: str, p
     http = f"http{'s' if context else ''}://{host}:{port}"
     if checkpoint:
         state, model_host = _model_state(checkpoint)
-        app = make_app(state, model_host, _api_limits(api_key_file))
-        click.echo(f"hived: serving {checkpoint}: dashboard at {http}/, chat at {http}/chat, "
-                   f"OpenAI-compatible API at {http}/v1 (model {model_host.name!r})", err=True)
+        app = make_app(state, model_host, _api_limits(api_key_file), http_limits)
+        log.info("serving %s: dashboard at %s/, chat at %s/chat, OpenAI-compatible API at %s/v1 (model %r)",
+                 checkpoint, http, http, http, model_host.name)
     else:
         from .config import resolve
         from .hive.coordinator import Coordinator, HiveConfig, add_routes
@@ -464,12 +502,11 @@ def serve(role: str, checkpoint: str | None, state_dir: str | None, host: str, p
         if not state_dir:
             raise click.UsageError("a coordinator needs --state-dir (or serve a model with --checkpoint)")
         flags["data"] = list(flags["data"]) or None
-        for name, rounds in (("checkpoint_interval", 10), ("eval_interval", 1)):  # rounds, for a coordinator
-            if flags[name] is None:
-                flags[name] = rounds
+        if flags["eval_interval"] is None:
+            flags["eval_interval"] = 1  # rounds, for a coordinator
         hive = HiveConfig(**{f.name: flags.pop(f.name) for f in dataclasses.fields(HiveConfig)})
-        run = resolve(flags, config_file)
-        coordinator = Coordinator(run, hive, Path(state_dir))
+        run = resolve(flags, _model_table())
+        coordinator = Coordinator(run, hive, Path(state_dir), limits=limits)
         state = RunState(role, info={"preset": run.train.preset, "hive": dataclasses.asdict(hive),
                                      "model": dataclasses.asdict(coordinator.trainer.model_cfg),
                                      "config": dataclasses.asdict(run.train),
@@ -479,12 +516,13 @@ def serve(role: str, checkpoint: str | None, state_dir: str | None, host: str, p
         model_host = ModelHost(f"hive-{run.train.preset}")
         for listener in (state, model_host):
             coordinator.events.subscribe(listener)
-        app = make_app(state, model_host, _api_limits(api_key_file))
+        app = make_app(state, model_host, _api_limits(api_key_file), http_limits)
         add_routes(app, coordinator)
         scheme = "wss" if context else "ws"
-        click.echo(f"hived coordinator on {scheme}://{host}:{port} (peers: hived join {scheme}://{host}:{port} "
-                   f"--key KEY); dashboard at {http}/, status at {http}/api/status", err=True)
-    web.run_app(app, host=host, port=port, ssl_context=context, print=None, access_log=None)
+        log.info("coordinator on %s://%s:%d (peers: hived join %s://%s:%d --key-file KEY_FILE); dashboard at %s/, "
+                 "status at %s/api/status, metrics at %s/metrics", scheme, host, port, scheme, host, port, http, http, http)
+    web.run_app(app, host=host, port=port, ssl_context=context, print=None, access_log=None,
+                keepalive_timeout=http_limits.header_timeout)
 
 
 def _model_state(path: str) -> tuple:
@@ -511,35 +549,62 @@ def _model_state(path: str) -> tuple:
     return state, host
 
 
+@from_environment
 @main.command()
-@click.argument("url")
-@click.option("--key", envvar="HIVED_KEY", help="your key [env HIVED_KEY]; --key-file keeps it out of `ps`")
+@click.argument("url", required=False)
+@click.option("--key", envvar="HIVED_KEY", help="your key; --key-file keeps it out of `ps`")
 @click.option("--key-file", type=click.File("r"), help="read the key from this file")
 @click.option("--name", default=None, help="how the coordinator lists you (default: this host's name)")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--max-rounds", type=int, default=0, help="leave cleanly after N rounds (0: never)")
 @click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True),
               help="trust this certificate for wss:// (a coordinator's self-signed one)")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="serve /metrics (Prometheus) and /healthz on this port")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="address of --metrics-port")
 @THREADS
-def join(url: str, key: str | None, key_file, name: str | None, device: str, max_rounds: int,
-         tls_ca: str | None, threads: int | None) -> None:
-    """Join a hive: train the coordinator's model with this machine."""
+@LOG_FORMAT
+@config_option(model_table=False)
+def join(url: str | None, key: str | None, key_file, name: str | None, device: str, max_rounds: int,
+         tls_ca: str | None, metrics_port: int | None, metrics_host: str, threads: int | None, log_format: str,
+         config_file: str | None) -> None:
+    """Join a hive: train the coordinator's model with this machine. URL is the coordinator's
+    ws:// or wss:// address (or `url` in the --config file)."""
     import asyncio
     import platform
 
+    from aiohttp import web
+
     from .hive.peer import HivePeer, PeerOptions
 
-    _logging()
+    log = _logging(log_format)
     _use_threads(threads)
     if key_file:
         key = key_file.read().strip()
     if not key:
         raise click.UsageError("a key is needed: --key, --key-file or HIVED_KEY")
-    if not url.startswith(("ws://", "wss://")):
+    if not url or not url.startswith(("ws://", "wss://")):
         raise click.BadParameter("the coordinator's URL starts with ws:// or wss://", param_hint="URL")
     peer = HivePeer(PeerOptions(url, key, name or platform.node() or "peer", device, max_rounds, ca_file=tls_ca))
+
+    async def run_peer() -> int:
+        if metrics_port is None:
+            return await peer.run()
+        from .monitoring import Monitor, metrics_app
+        from .server import start_site
+
+        monitor = Monitor("peer", peer.status)
+        peer.events.subscribe(monitor)
+        site = web.AppRunner(metrics_app(monitor), access_log=None)
+        bound, notice = await start_site(site, metrics_host, metrics_port)
+        log.info("%smetrics at http://%s:%d/metrics", notice, metrics_host, bound)
+        try:
+            return await peer.run()
+        finally:
+            await site.cleanup()
+
     try:
-        sys.exit(asyncio.run(peer.run()))
+        sys.exit(asyncio.run(run_peer()))
     except KeyboardInterrupt:
         sys.exit(130)
 

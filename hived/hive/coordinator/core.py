@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,15 +33,17 @@ from aiohttp import WSMsgType, web
 from ...config import RunConfig
 from ...device import describe
 from ...events import Events
+from ...monitoring import HEALTH_CHECKS
 from ...trainer import build_trainer
 from ..aggregation import STRATEGIES, UpdateGuard, model_norm
 from ..compression import unpack
 from ..keys import KeyStore
-from ..protocol import (BAD_INPUT, MAX_FRAME_BYTES, Ack, Bye, Go, ProtocolError, Ready, Training, Update, Weights,
+from ..protocol import (BAD_INPUT, Ack, Bye, Go, ProtocolError, Ready, Training, Update, Weights,
                         Welcome, Work, clean_text, encode, packed_ahead, tensor_frames)
 from . import state as disk
 from .config import HiveConfig
 from .evaluation import Evaluator
+from .limits import Limits
 from .outer import OuterOptimizer
 from .rounds import Round
 from .sessions import LoginLimiter, PeerSession, admit, refuse
@@ -51,14 +53,16 @@ log = logging.getLogger("hived.coordinator")
 
 
 class Coordinator:
-    def __init__(self, run: RunConfig, hive: HiveConfig, state_dir: Path, events: Events | None = None):
+    def __init__(self, run: RunConfig, hive: HiveConfig, state_dir: Path, events: Events | None = None,
+                 limits: Limits = Limits()):
         self.run = run
         self.hive = hive
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.events = events or Events()
         self.keys = KeyStore(self.state_dir)
-        self.limiter = LoginLimiter()
+        self.limits = limits
+        self.limiter = LoginLimiter(limits)
         state = disk.load(self.state_dir, run, hive)
         self.trainer, self.data_key = build_trainer(run, state, self.events)
         self.model = self.trainer.model
@@ -83,6 +87,7 @@ class Coordinator:
         self.history: deque[dict[str, Any]] = deque(maxlen=disk.HISTORY_KEPT)
         self.late = 0
         self.rejected = 0
+        self.updates: Counter[str] = Counter()  # "outcome/reason" → updates judged so far
         self.bytes_in = 0
         self.bytes_out = 0
         self.peers: dict[str, PeerSession] = {}
@@ -92,6 +97,11 @@ class Coordinator:
         self.aggregating = ThreadPoolExecutor(1, thread_name_prefix="hived-aggregate")  # aggregator calls, in order
         self.saving = ThreadPoolExecutor(1, thread_name_prefix="hived-save")  # checkpoints, in order
         self.saved: asyncio.Future | None = None  # the last checkpoint being written
+        # Applied rounds are announced (status, history, dashboard) only once a checkpoint holds
+        # them, so a SIGKILL never loses a round anyone was told of. Those applied meanwhile wait
+        # here, and go into the next checkpoint together.
+        self.unsaved: list[dict[str, Any]] = []
+        self.announced = 0  # the last round announced
         self.last_closed = 0.0
         self.started = time.time()
         if state:
@@ -103,6 +113,8 @@ class Coordinator:
         self.model.load_state_dict(state["model"])
         self.outer.load_state_dict(state["outer"])
         self.round, self.cursor, self.tokens = state["round"], state["cursor"], state["tokens"]
+        self.announced = self.round
+        self.misses, self.sitting_out = state.get("misses", {}), state.get("sitting_out", {})
         self.trainer.step = self.round
         self.ledger = state["ledger"]
         self.strikes = state["strikes"]
@@ -120,7 +132,8 @@ class Coordinator:
         return {
             "round": self.round, "cursor": self.cursor, "tokens": self.tokens,
             "ledger": self.ledger, "strikes": self.strikes, "norms": list(self.guard.norms),
-            "aggregation": self.strategy.state_dict(), "history": list(self.history),
+            "misses": self.misses, "sitting_out": self.sitting_out,
+            "aggregation": self.strategy.state_dict(), "history": [*self.history, *self.unsaved],
             "model_config": dataclasses.asdict(self.trainer.model_cfg),
             "train_config": dataclasses.asdict(self.run.train), "hive_config": dataclasses.asdict(self.hive),
             "tokenizer": self.trainer.tokenizer.to_json(), "data_key": self.data_key,
@@ -131,10 +144,32 @@ class Coordinator:
         """Checkpoint the whole state atomically, now."""
         disk.save(self._state(), self.state_dir)
 
+    def _persist(self, record: dict[str, Any]) -> None:
+        """Checkpoint an applied round, then announce it. One checkpoint is written at a time, on
+        the saving thread, so the rounds go on meanwhile; rounds applied while it is written go
+        into the next one together, so saving never falls behind by more than one checkpoint."""
+        self.unsaved.append(record)
+        if self.saved is None or self.saved.done():
+            self._save_in_background()
+
     def _save_in_background(self) -> None:
-        """Checkpoint a copy of the state on the saving thread, so the rounds go on meanwhile."""
         state = copy.deepcopy(self._state())  # tensors and records alike: they change while it is written
+        records, self.unsaved = self.unsaved, []
         self.saved = asyncio.get_running_loop().run_in_executor(self.saving, disk.save, state, self.state_dir)
+        self.saved.add_done_callback(lambda done: self._announce(done, records))
+
+    def _announce(self, done: asyncio.Future, records: list[dict[str, Any]]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            # announced all the same: a full disk must not freeze the hive, but it must be seen
+            log.error("could not checkpoint rounds %d-%d: %s; a restart would go back to the last checkpoint",
+                      records[0]["round"], records[-1]["round"], done.exception() if not done.cancelled() else
+                      "cancelled")
+        for record in records:
+            self.history.append(record)
+            self.announced = record["round"]
+            self.events.emit("round", **record)
+        if self.unsaved:
+            self._save_in_background()
 
     # ----------------------------------------------------------------- rounds
 
@@ -151,10 +186,10 @@ class Coordinator:
                     steps=steps, first_step=rnd * steps, go=go)
 
     async def run_rounds(self) -> None:
-        """Rounds back to back. Each applied round is recorded at once; every ``--eval-interval``
-        rounds (and the last) a copy of its weights is evaluated off the rounds' path, started
-        once every peer of the next round has begun training, so it never delays them; every
-        ``--checkpoint-interval`` rounds the state is checkpointed, likewise in the background."""
+        """Rounds back to back. Each applied round is checkpointed in the background and
+        announced once it is on disk (``_persist``); every ``--eval-interval`` rounds (and the
+        last) a copy of its weights is evaluated off the rounds' path, started once every peer of
+        the next round has begun training, so it never delays them."""
         self.events.emit("weights", model=self.model, tokenizer=self.trainer.tokenizer, label=f"round {self.round}")
         while self.hive.rounds == 0 or self.round < self.hive.rounds:
             # in the order of their keys, so that who trains on which windows does not depend on
@@ -174,12 +209,9 @@ class Coordinator:
                 continue  # nothing usable arrived (or nothing worth any tokens, or summing failed): tried again
             self._apply(rnd, update)
             record = rnd.record()
-            self.history.append(record)
-            self.events.emit("round", **record)
             if self.round % self.run.train.eval_interval == 0 or self.round == self.hive.rounds:
                 self.evaluator.due(record, self.model)
-            if self.round % self.run.train.checkpoint_interval == 0:
-                self._save_in_background()
+            self._persist(record)
         await self.evaluator.drain()
 
     async def shutdown(self) -> None:
@@ -191,9 +223,11 @@ class Coordinator:
         await self.evaluator.drain()
         await asyncio.gather(*(p.ws.close(code=1001, message=b"coordinator shutting down")
                                for p in list(self.peers.values())))
-        if self.saved is not None:
+        while self.saved is not None and not self.saved.done():  # announcing it may start another
             await asyncio.shield(self.saved)
         self.save()
+        self.history.extend(self.unsaved)
+        self.unsaved.clear()
 
     async def _run_round(self, peers: list[PeerSession]) -> Round:
         cfg = self.run.train
@@ -298,9 +332,9 @@ class Coordinator:
     # ----------------------------------------------------------------- peers
 
     async def handle_peer(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, heartbeat=30)
+        ws = web.WebSocketResponse(max_msg_size=self.limits.max_frame_bytes, heartbeat=30)
         await ws.prepare(request)
-        peer = await admit(ws, request.remote or "?", self.limiter, self.keys, self.peers.values())
+        peer = await admit(ws, request.remote or "?", self.limiter, self.keys, self.peers.values(), self.limits)
         if peer is None:
             return ws
         peer.transport = request.transport
@@ -316,9 +350,12 @@ class Coordinator:
                 peer.last_seen = time.time()
                 if msg.type != WSMsgType.BINARY:
                     raise ProtocolError("only binary frames are accepted")
+                if not peer.rate.take():
+                    raise ProtocolError(f"more than {self.limits.max_messages_per_second:g} messages a second")
                 # Frames decode off the event loop, so peers' uploads are decoded in parallel.
                 size = len(msg.data)
-                m, known, squared = await loop.run_in_executor(None, decode_frame, msg.data, self.guard.shapes)
+                m, known, squared = await loop.run_in_executor(None, decode_frame, msg.data, self.guard.shapes,
+                                                              self.limits)
                 del msg  # the raw frame must not outlive its decoding (see _receive)
                 if isinstance(m, Update):
                     await self._receive(peer, m, known, squared, size)
@@ -354,6 +391,7 @@ class Coordinator:
     async def _late(self, peer: PeerSession, round_: int) -> None:
         """Refuse a report for a round that has closed, and count it."""
         self.late += 1
+        self.updates["late/round_closed"] += 1
         if self.current is not None:
             self.current.late += 1
         await peer.ws.send_bytes(encode(Ack(round_, "late", "the round had closed")))
@@ -472,8 +510,9 @@ class Coordinator:
         it back out; no awaits, so the round cannot close half-way. Returns the status and detail
         for the peer's Ack. An update the guard accepts was summed whole: summing stops only for
         what it would reject."""
-        scale, status, detail = ((None, "rejected", up.foreign) if up.foreign else
-                                 self.guard.check(up.shapes, math.sqrt(up.squared_norm), rnd.model_norm))
+        scale, status, reason, detail = ((None, "rejected", "foreign_tensor", up.foreign) if up.foreign else
+                                         self.guard.check(up.shapes, math.sqrt(up.squared_norm), rnd.model_norm))
+        self.updates[f"{status}/{reason}"] += 1
         rnd.reported.add(peer.id)
         self.misses.pop(peer.key_name, None)
         self.sitting_out.pop(peer.key_name, None)
@@ -508,9 +547,10 @@ class Coordinator:
         return {
             "role": "coordinator", "device": describe(self.trainer.device), "mode": self.hive.mode,
             "compression": self.hive.compression, "aggregator": self.hive.aggregator,
-            "round": self.round, "tokens": self.tokens, "parameters": self.model.num_params(),
+            "round": self.announced, "tokens": last.get("tokens", self.tokens), "parameters": self.model.num_params(),
             "train_loss": last.get("train_loss"), "val_loss": last.get("val_loss"),
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "late_reports": self.late, "rejected_updates": self.rejected,
+            "updates": dict(self.updates), "auth_failures": dict(self.limiter.refusals),
             "uptime": round(now - self.started, 1),
             "peers": [{
                 "name": p.name, "device": p.device, "replicas": p.replicas, "rounds": p.rounds, "tokens": p.tokens,
@@ -547,8 +587,15 @@ def add_routes(app: web.Application, coordinator: Coordinator) -> None:
             pass
         await app[COORDINATOR].shutdown()
 
+    def rounds_alive() -> str:
+        task = app.get(ROUNDS)
+        if task is None or not task.done() or task.cancelled():
+            return ""
+        return f"the rounds have stopped: {task.exception()!r}" if task.exception() else "the rounds have ended"
+
     app.on_startup.append(start_rounds)
     app.on_shutdown.append(stop_rounds)
+    app.setdefault(HEALTH_CHECKS, []).append(rounds_alive)  # read by /healthz, where the app serves one
 
 
 ROUNDS = web.AppKey("rounds", asyncio.Task)
