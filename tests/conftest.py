@@ -28,6 +28,11 @@ def make_corpus(n_lines: int = 400, seed: int = 0) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption("--long", action="store_true", help="soak: the adversarial suite's long variants")
+    parser.addoption("--reliability-report", default="", help="write the adversarial suite's counts (JSON) here")
+
+
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.txt"
@@ -41,7 +46,8 @@ def env(tmp_path: Path) -> dict[str, str]:
     e = dict(os.environ)
     e["XDG_CACHE_HOME"] = str(tmp_path / "cache")
     e["PYTHONUNBUFFERED"] = "1"
-    e.pop("HIVED_THREADS", None)  # every core unless a test passes --threads
+    for name in [n for n in e if n.startswith("HIVED_")]:  # options a user's shell may set (HIVED_THREADS, ...)
+        del e[name]
     return e
 
 

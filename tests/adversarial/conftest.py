@@ -5,13 +5,15 @@ bounded."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
-from conftest import make_corpus
+from conftest import free_port, make_corpus
 from test_hive import Hive
 
-from adversarial.target import HONEST, Target
+from adversarial.target import HONEST, TALLY, Target
 
 
 @pytest.fixture(scope="package")  # not a moment longer: its rounds take CPU from every other test
@@ -20,14 +22,27 @@ def target(tmp_path_factory) -> Target:
     corpus = tmp / "corpus.txt"
     corpus.write_text(make_corpus(), encoding="utf-8")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
-    env.pop("HIVED_THREADS", None)
+    for name in [n for n in env if n.startswith("HIVED_")]:
+        del env[name]
     hive = Hive(tmp, env, corpus, "--inner-steps", "2", "--round-timeout", "10", "--send-timeout", "5", "--min-peers", "2",
-                "--threads", "1", "--eval-interval", "20", "--checkpoint-interval", "20")
+                "--threads", "1", "--eval-interval", "20", "--http-body-timeout", "3", "--log-format", "json")
+    metrics_port = free_port()
     try:
-        for name in HONEST:
-            hive.join("--threads", "1", name=name)
-        target = Target(hive)
+        hive.join("--threads", "1", "--metrics-port", str(metrics_port), name=HONEST[0])
+        hive.join("--threads", "1", name=HONEST[1])
+        target = Target(hive, metrics_port)
         target.rounds_go_on(2, timeout=180)
         yield target
     finally:
         hive.close()
+
+
+def pytest_runtest_logreport(report) -> None:
+    if report.when == "call" and "adversarial" in report.nodeid:
+        TALLY["tests"]["passed" if report.passed else "failed"] += 1
+
+
+def pytest_sessionfinish(session) -> None:
+    report = session.config.getoption("--reliability-report")
+    if report:
+        Path(report).write_text(json.dumps(TALLY, indent=1) + "\n")

@@ -13,15 +13,30 @@ from test_hive import Hive
 from hived.hive.protocol import PROTOCOL_VERSION, Hello, Welcome, decode, encode
 
 HONEST = ("honest-a", "honest-b")
+# What the suite did, for docs/reliability.md (pytest --reliability-report FILE)
+TALLY = {"bad_input": {"cases": 0, "bytes": 0}, "tests": {"passed": 0, "failed": 0},
+         "kills": {"sigkills": 0, "state_failed_to_load": 0, "announced_rounds_lost": 0}}
 
 
 class Target:
     """The coordinator under attack, and what an attacker and a test need of it."""
 
-    def __init__(self, hive: Hive):
+    def __init__(self, hive: Hive, metrics_port: int):
         self.hive = hive
         self.url = f"{hive.url}/ws/peer"
-        self.pid = hive.coordinator.pid
+        self.http = f"http://127.0.0.1:{hive.port}"
+        self.peer_metrics = f"http://127.0.0.1:{metrics_port}"  # honest-a's --metrics-port
+        self.tally = TALLY["bad_input"]
+        self.kills = TALLY["kills"]
+
+    @property
+    def pid(self) -> int:
+        return self.hive.coordinator.pid
+
+    def sent(self, data: bytes | int, cases: int = 1) -> None:
+        """Count ``cases`` of bad input and their bytes."""
+        self.tally["cases"] += cases
+        self.tally["bytes"] += data if isinstance(data, int) else len(data)
 
     def status(self) -> dict:
         return self.hive.status()
@@ -62,7 +77,6 @@ def small_window(addr_info) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     return sock
-
 
 
 def run(coro):

@@ -30,6 +30,7 @@ def test_wrong_keys_in_parallel_are_checked_no_more_often_than_one_at_a_time_wou
             return await asyncio.gather(*(attempt(session, target.url, f"hk_guess{i}") for i in range(300)))
 
     answers = run(burst())
+    target.sent(len(encode(Hello(PROTOCOL_VERSION, "hk_guess100", "guess", "cpu", 1))) * 300, cases=300)
     unknown = sum("unknown or revoked key" in a for a in answers)
     assert unknown <= LoginLimiter().limit, f"{unknown} of 300 parallel guesses were checked and answered"
     assert all("welcome" != a for a in answers)
@@ -67,6 +68,7 @@ def test_connections_that_never_log_in_are_bounded_per_address(target):
             return closed, answer
 
     closed, answer = run(flood())
+    target.sent(0, cases=50)  # silent connections: no bytes, only the connections
     assert closed >= 50 - LoginLimiter().pending, f"only {closed} of 50 silent connections were closed"
     assert answer == "welcome"
     target.rounds_go_on(1)
