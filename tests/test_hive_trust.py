@@ -44,3 +44,32 @@ def test_two_connections_with_one_key_share_one_ledger_entry(tmp_path, corpus, e
     assert coordinator.ledger["alice"]["name"] in ("x", "y")
     logs = (tmp_path / "x.log").read_text() + (tmp_path / "y.log").read_text()
     assert "key alice is already connected" in logs
+
+
+def test_peers_from_one_address_are_capped_and_the_refusal_is_counted(tmp_path, corpus, monkeypatch):
+    """--max-peers-per-address 1: a second key from the same address is told why, and waits."""
+    import aiohttp
+
+    from hived.hive.coordinator import Limits
+    from hived.hive.protocol import PROTOCOL_VERSION, Hello, Refused, Welcome, decode, encode
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    keys = KeyStore(tmp_path / "state")
+    first, second = keys.add("first"), keys.add("second")
+    run = resolve({"preset": "1m", "data": [str(corpus)], "batch_size": 4, "eval_tokens": 4096})
+    coordinator = Coordinator(run, HiveConfig(inner_steps=2, min_peers=3), tmp_path / "state",
+                              limits=Limits(max_peers_per_address=1))
+
+    async def hive() -> tuple[object, object]:
+        async with serving(coordinator) as url, aiohttp.ClientSession() as session:
+            answers = []
+            for key in (first, second):
+                ws = await session.ws_connect(url + "/ws/peer", max_msg_size=0)
+                await ws.send_bytes(encode(Hello(PROTOCOL_VERSION, key, "same-address", "cpu", 1)))
+                answers.append(decode((await ws.receive(timeout=30)).data))
+            return answers
+
+    welcome, refused = asyncio.run(hive())
+    assert isinstance(welcome, Welcome)
+    assert isinstance(refused, Refused) and not refused.final and "1 peers are already connected" in refused.reason
+    assert coordinator.status()["auth_failures"] == {"address_full": 1}

@@ -83,7 +83,7 @@ def _payloads() -> list[bytes]:
 
 
 PAYLOADS = _payloads()
-JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+JSONISH = st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)
                        | st.binary(max_size=20),
                        lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
                        max_leaves=40)

@@ -8,9 +8,12 @@ import random
 import signal
 import time
 
+import pytest
+
 from hived import checkpoint
 
 
+@pytest.mark.timeout(1800)  # ten kills take about 90 s; --long's forty, about six minutes
 def test_sigkills_at_random_moments_lose_no_announced_round(target, request):
     kills = 40 if request.config.getoption("--long") else 10
     rng = random.Random(16)
