@@ -158,7 +158,11 @@ def test_two_workers_at_batch_b_match_one_process_at_batch_2b(two_workers, works
     assert (a["step"], a["cursor"], a["tokens_seen"]) == (b["step"], b["cursor"], b["tokens_seen"])
     worst = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
     scale = max(v.abs().max().item() for v in b["model"].values())
-    assert worst < 1e-4 * scale, f"weights differ by {worst:.3g} (largest weight {scale:.3g})"
+    # Only the order of float32 sums differs (two half-batch gradients averaged, against one
+    # batch), and 60 AdamW steps amplify it: 2.5e-4 of the largest weight on a 2-core AMD EPYC
+    # (under 1e-4 on another CPU). One step of the schedule moved (warmup 3 instead of 2) differs
+    # by 0.12 there.
+    assert worst < 1e-3 * scale, f"weights differ by {worst:.3g} (largest weight {scale:.3g})"
     val = [r["val_loss"] for r in metrics.read(one) if r["kind"] == "eval"]
     cluster_val = [r["val_loss"] for r in metrics.read(run.out) if r["kind"] == "eval"]
     assert val == pytest.approx(cluster_val, abs=1e-4)
