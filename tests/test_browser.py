@@ -97,10 +97,11 @@ def test_dashboard_follows_a_real_training_run_and_chat_streams(browser, tmp_pat
 
 
 def test_peer_names_show_as_text(browser, tmp_path, env, corpus):
+    """Markup shows as text; terminal escapes and control characters never reach the page."""
     evil = "<img src=x onerror=alert(1)>"
     hive = Hive(tmp_path, env, corpus, "--inner-steps", "2")
     try:
-        hive.join(name=evil, key="evil")
+        hive.join(name=evil + "\x1b[31m\x07\u202e", key="evil")
         hive.wait(lambda s: s["round"] >= 1, timeout=120)
         page = browser.new_page()
         dialogs: list[str] = []
@@ -110,6 +111,8 @@ def test_peer_names_show_as_text(browser, tmp_path, env, corpus):
         page.wait_for_function(f"() => document.querySelector('#peers').textContent.includes({evil!r})",
                                timeout=30_000)
         assert page.locator("#peers img").count() == 0 and page.locator("img").count() == 0
+        shown = page.text_content("#peers")
+        assert evil + "[31m" in shown and not any(c in shown for c in "\x1b\x07\u202e")
         assert page.text_content("#role") == "coordinator"
         time.sleep(1)
         assert dialogs == []
