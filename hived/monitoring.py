@@ -39,8 +39,9 @@ class Monitor:
         self.registry = CollectorRegistry(auto_describe=True)
         self.round_seconds = Histogram("hived_round_duration_seconds", "Wall time of each round, from its start to "
                                        "its close", buckets=ROUND_BUCKETS, registry=self.registry)
-        self.outer_seconds = Histogram("hived_outer_step_duration_seconds", "Time the coordinator took to apply "
-                                       "each round's outer step", buckets=STEP_BUCKETS, registry=self.registry)
+        self.outer_seconds = (Histogram("hived_outer_step_duration_seconds", "Time the coordinator took to apply "
+                                        "each round's outer step", buckets=STEP_BUCKETS, registry=self.registry)
+                              if role == "coordinator" else None)
         self.registry.register(self)
 
     def __call__(self, kind: str, data: dict[str, Any]) -> None:
@@ -51,7 +52,7 @@ class Monitor:
         if kind == "round":
             if "seconds" in data:
                 self.round_seconds.observe(data["seconds"])
-            if "apply" in data:
+            if "apply" in data and self.outer_seconds is not None:
                 self.outer_seconds.observe(data["apply"])
 
     def collect(self) -> Iterator[Metric]:
