@@ -504,7 +504,7 @@ def serve(role: str, checkpoint: str | None, state_dir: str | None, host: str, p
         flags["data"] = list(flags["data"]) or None
         if flags["eval_interval"] is None:
             flags["eval_interval"] = 1  # rounds, for a coordinator
-        hive = HiveConfig(**{f.name: flags.pop(f.name) for f in dataclasses.fields(HiveConfig)})
+        hive = pop_dataclass(HiveConfig, flags)
         run = resolve(flags, _model_table())
         coordinator = Coordinator(run, hive, Path(state_dir), limits=limits)
         state = RunState(role, info={"preset": run.train.preset, "hive": dataclasses.asdict(hive),

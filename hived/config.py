@@ -144,16 +144,21 @@ def build(cls: type, values: dict[str, Any], source: str):
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list[str]": (list, str)}
 
 
+def of_type(annotation: str, value: Any) -> bool:
+    """Whether ``value`` is of the plain type ``annotation`` names (int, float, str, bool,
+    list[str]; an int is a float, a bool is no number); True for any other annotation."""
+    allowed = _TYPES.get(annotation)
+    if allowed is None:
+        return True
+    if annotation == "list[str]" and isinstance(value, list):
+        return all(isinstance(v, str) for v in value)
+    return isinstance(value, allowed) and (annotation == "bool" or not isinstance(value, bool))
+
+
 def _check_type(name: str, annotation: str, value: Any, source: str) -> None:
     """Dataclasses do not check their fields, and a value can come from a TOML file, a
     checkpoint or a coordinator's message: ``lr = "3e-3"`` must fail here, naming ``lr``."""
-    allowed = _TYPES.get(annotation)
-    if allowed is None:
-        return
-    bad = not isinstance(value, allowed) or (isinstance(value, bool) and annotation != "bool")
-    if annotation == "list[str]" and isinstance(value, list):
-        bad = not all(isinstance(v, str) for v in value)
-    if bad:
+    if not of_type(annotation, value):
         raise ConfigError(f"{source}: {name} must be of type {annotation}, not {type(value).__name__} {value!r}")
 
 

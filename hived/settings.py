@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from .config import ConfigError, read_toml
+from .config import ConfigError, of_type, read_toml
 
 PREFIX = "HIVED_"
 MODEL_TABLE = "model"  # a [model] table: overrides of the preset's shape, for commands that train
@@ -91,11 +91,7 @@ def _example(param: click.Parameter) -> str:
 
 def _check(param: click.Parameter, key: str, value: Any, source: str | Path) -> None:
     kind = _kind(param)
-    ok = {"bool": lambda v: isinstance(v, bool),
-          "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          "str": lambda v: isinstance(v, str)}[kind](value)
-    if not ok:
+    if not of_type(kind, value):
         word = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a string"}[kind]
         raise ConfigError(f"{source}: {key} must be {word} (as in {key} = {_example(param)}), not {value!r}")
     if isinstance(param.type, click.Choice) and value not in param.type.choices:

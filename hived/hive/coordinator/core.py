@@ -85,9 +85,7 @@ class Coordinator:
         self.misses: dict[str, int] = {}  # key name → rounds missed in a row
         self.sitting_out: dict[str, int] = {}  # key name → the first round it is sent work again
         self.history: deque[dict[str, Any]] = deque(maxlen=disk.HISTORY_KEPT)
-        self.late = 0
-        self.rejected = 0
-        self.updates: Counter[str] = Counter()  # "outcome/reason" → updates judged so far
+        self.updates: Counter[str] = Counter()  # "outcome/reason" → updates judged (and late ones) so far
         self.bytes_in = 0
         self.bytes_out = 0
         self.peers: dict[str, PeerSession] = {}
@@ -390,7 +388,6 @@ class Coordinator:
 
     async def _late(self, peer: PeerSession, round_: int) -> None:
         """Refuse a report for a round that has closed, and count it."""
-        self.late += 1
         self.updates["late/round_closed"] += 1
         if self.current is not None:
             self.current.late += 1
@@ -519,7 +516,6 @@ class Coordinator:
         if scale is None:
             self._aggregate(rnd, rnd.agg.discard, peer.key_name)
             rnd.rejected += 1
-            self.rejected += 1
             log.warning("rejected an update from %s: %s", peer.name, detail)
         else:
             self._aggregate(rnd, rnd.agg.commit, peer.key_name, scale)
@@ -549,7 +545,8 @@ class Coordinator:
             "compression": self.hive.compression, "aggregator": self.hive.aggregator,
             "round": self.announced, "tokens": last.get("tokens", self.tokens), "parameters": self.model.num_params(),
             "train_loss": last.get("train_loss"), "val_loss": last.get("val_loss"),
-            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "late_reports": self.late, "rejected_updates": self.rejected,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "late_reports": self.updates["late/round_closed"],
+            "rejected_updates": sum(n for key, n in self.updates.items() if key.startswith("rejected/")),
             "updates": dict(self.updates), "auth_failures": dict(self.limiter.refusals),
             "uptime": round(now - self.started, 1),
             "peers": [{
