@@ -5,20 +5,26 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from hived.config import resolve
-from hived.hive.coordinator import Coordinator, HiveConfig
+from hived.hive.coordinator import Coordinator, HiveConfig, Limits
 from hived.hive.keys import KeyStore
 
 from conftest import join, serving, until
 
 
-def test_two_connections_with_one_key_share_one_ledger_entry(tmp_path, corpus, env, monkeypatch):
-    """Two processes with one key and two names: the key is credited, once per round, and only
-    one of them is connected at a time (the other is told why, and waits)."""
+@pytest.mark.parametrize("per_key", [1, 2])
+def test_connections_with_one_key_share_one_ledger_entry(tmp_path, corpus, env, monkeypatch, per_key):
+    """One more process with one key than --max-connections-per-key allows, each with a name of
+    its own: only that many are connected at a time (the other is told why, and waits), each
+    connection is a participant of the rounds, and the key is credited for all of them."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     key = KeyStore(tmp_path / "state").add("alice")
     run = resolve({"preset": "1m", "data": [str(corpus)], "batch_size": 4, "eval_tokens": 4096})
-    coordinator = Coordinator(run, HiveConfig(inner_steps=2, rounds=3), tmp_path / "state")
+    coordinator = Coordinator(run, HiveConfig(inner_steps=2, rounds=3, min_peers=per_key), tmp_path / "state",
+                              limits=Limits(max_connections_per_key=per_key))
+    names = "xyz"[:per_key + 1]
     most = 0
 
     def connected() -> int:
@@ -28,29 +34,30 @@ def test_two_connections_with_one_key_share_one_ledger_entry(tmp_path, corpus, e
 
     async def hive() -> None:
         async with serving(coordinator) as url:
-            peers = [join(url, key, name, env, "--threads", "1", log=tmp_path / f"{name}.log") for name in ("x", "y")]
+            peers = [join(url, key, name, env, "--threads", "1", log=tmp_path / f"{name}.log") for name in names]
             try:
-                await until(lambda: connected() >= 3, 120, "3 rounds")
+                await until(lambda: connected() >= 3 and len(coordinator.history) == 3, 120, "3 rounds")
             finally:
                 for p in peers:
                     p.kill()
                     p.wait()
 
     asyncio.run(hive())
-    assert most == 1
+    assert most == per_key
+    assert [r["accepted"] for r in coordinator.history] == [per_key] * 3
     assert list(coordinator.ledger) == ["alice"]
     block = coordinator.trainer.model_cfg.block_size
-    assert coordinator.ledger["alice"]["rounds"] == 3 and coordinator.ledger["alice"]["tokens"] == 3 * 2 * 4 * block
-    assert coordinator.ledger["alice"]["name"] in ("x", "y")
-    logs = (tmp_path / "x.log").read_text() + (tmp_path / "y.log").read_text()
-    assert "key alice is already connected" in logs
+    assert coordinator.ledger["alice"]["rounds"] == 3 * per_key
+    assert coordinator.ledger["alice"]["tokens"] == 3 * per_key * 2 * 4 * block
+    assert coordinator.ledger["alice"]["name"] in names
+    logs = "".join((tmp_path / f"{name}.log").read_text() for name in names)
+    assert f"key alice is already connected (from 127.0.0.1); a key joins {per_key} time(s) at once" in logs
 
 
 def test_peers_from_one_address_are_capped_and_the_refusal_is_counted(tmp_path, corpus, monkeypatch):
     """--max-peers-per-address 1: a second key from the same address is told why, and waits."""
     import aiohttp
 
-    from hived.hive.coordinator import Limits
     from hived.hive.protocol import PROTOCOL_VERSION, Hello, Refused, Welcome, decode, encode
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

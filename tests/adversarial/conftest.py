@@ -24,7 +24,8 @@ def target(tmp_path_factory) -> Target:
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
     for name in [n for n in env if n.startswith("HIVED_")]:
         del env[name]
-    hive = Hive(tmp, env, corpus, "--inner-steps", "2", "--round-timeout", "10", "--send-timeout", "5", "--min-peers", "2",
+    hive = Hive(tmp, env, corpus, "--inner-steps", "2", "--round-timeout", "10", "--send-timeout", "5", "--message-timeout", "5",
+                "--min-peers", "2",
                 "--threads", "1", "--eval-interval", "20", "--http-body-timeout", "3", "--log-format", "json")
     metrics_port = free_port()
     try:

@@ -4,7 +4,10 @@ status and memory, a login, and a check that the honest peers' rounds go on."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import socket
+import threading
 from pathlib import Path
 
 import aiohttp
@@ -68,6 +71,60 @@ class Target:
         welcome = await ws.receive(timeout=30)
         assert welcome.type == aiohttp.WSMsgType.BINARY and isinstance(decode(welcome.data), Welcome), welcome
         return ws
+
+
+def ws_frame(opcode: int, payload: bytes, fin: bool = True, length: int | None = None) -> bytes:
+    """A client's WebSocket frame as RFC 6455 (5.2) lays it out, masked; ``length`` may claim
+    more payload than follows, for a frame sent in pieces."""
+    length = len(payload) if length is None else length
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if length < 126:
+        head += bytes([0x80 | length])
+    elif length < 1 << 16:
+        head += bytes([0x80 | 126]) + length.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + length.to_bytes(8, "big")
+    mask = os.urandom(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+class RawPeer:
+    """A logged-in peer on a bare socket, for frames no WebSocket library would send. What the
+    coordinator sends it is read and thrown away, so it is never dropped for not reading."""
+
+    def __init__(self, target: Target, name: str):
+        self.sock = socket.create_connection(("127.0.0.1", target.hive.port), timeout=30)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(f"GET /ws/peer HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                          f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                          "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        self.sock.sendall(ws_frame(2, encode(Hello(PROTOCOL_VERSION, target.key(name), name, "cpu", 1))))
+        self.closed = threading.Event()
+        threading.Thread(target=self._drain, daemon=True).start()
+        target.hive.wait(lambda s: name in [p["name"] for p in s["peers"]], 30)
+
+    def _drain(self) -> None:
+        try:
+            while self.sock.recv(1 << 16):
+                pass
+        except OSError:
+            pass
+        self.closed.set()
+
+    def send(self, data: bytes) -> bool:
+        """False once the coordinator has closed the connection."""
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            self.closed.set()
+        return not self.closed.is_set()
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def small_window(addr_info) -> socket.socket:

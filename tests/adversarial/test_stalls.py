@@ -1,16 +1,21 @@
 """Peers that are authenticated but stall: one that stops reading while the weights are sent,
-and one that stays connected but never finishes its upload. Neither may hold the rounds up for
-more than a bounded time, nor cost a round timeout every round."""
+one that stays connected but never finishes its upload, and one that trickles a message. None
+may hold the rounds up for more than a bounded time, nor cost a round timeout every round, nor
+hold a message's buffer past --message-timeout (5 s for the target)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiohttp
+import pytest
 
 from hived.hive.protocol import Training, Update, Weights, Work, decode, encode
 
-from adversarial.target import run, small_window
+from adversarial.target import RawPeer, run, small_window, ws_frame
+
+MESSAGE_TIMEOUT = 5.0
 
 
 def test_a_peer_that_stops_reading_does_not_freeze_the_rounds(target):
@@ -68,3 +73,35 @@ def test_a_peer_that_stalls_its_upload_costs_one_round_timeout_not_one_every_rou
     rounds = [r for r in status["history"] if r["round"] > start]
     timed_out = [r for r in rounds if r["peers"] == 3]  # the staller was sent work: the round waited for it
     assert len(timed_out) <= 1, f"the staller held up {len(timed_out)} of {len(rounds)} rounds: {rounds}"
+
+
+def trickled_frame():
+    """One 10 kB frame, its header at once and then a byte at a time."""
+    yield ws_frame(2, b"", length=10_000)
+    while True:
+        yield b"\0"
+
+
+def fragments_kept_open():
+    """The first fragment of a message, then only pings (which may come between fragments)."""
+    yield ws_frame(2, b"0123456789", fin=False)
+    while True:
+        yield ws_frame(9, b"ping")
+
+
+@pytest.mark.parametrize("trickle", [trickled_frame, fragments_kept_open])
+def test_a_message_that_takes_too_long_is_cut_off(target, trickle):
+    """Bytes keep coming, every half second, but the message never ends: the connection is cut
+    once it has been arriving for --message-timeout, and the rounds go on."""
+    peer = RawPeer(target, f"trickles-{trickle.__name__}")
+    pieces, sent = trickle(), 0
+    t0 = time.monotonic()
+    while peer.send(piece := next(pieces)) and time.monotonic() - t0 < 4 * MESSAGE_TIMEOUT:
+        sent += len(piece)
+        time.sleep(0.5)
+    took = time.monotonic() - t0
+    peer.close()
+    target.sent(sent)
+    assert peer.closed.is_set(), f"still connected after {took:.0f} s"
+    assert MESSAGE_TIMEOUT - 0.5 < took < MESSAGE_TIMEOUT + 3, took
+    target.rounds_go_on(2)

@@ -8,8 +8,9 @@ the round timeout once ``min_peers`` have reported: a vanished peer costs at mos
 
 It runs inside the aiohttp daemon (``hived serve --role coordinator``): the peer WebSocket is
 ``/ws/peer``, on the same port as the status (``GET /api/status``), the dashboard and the chat.
-Its parts: ``sessions`` (connections and logins), ``rounds``, ``uploads``, ``outer`` (the outer
-step), ``evaluation`` and ``state`` (the checkpoint on disk).
+Its parts: ``sessions`` (connections and logins), ``deadlines`` (the time limit on a message),
+``rounds``, ``uploads``, ``outer`` (the outer step), ``evaluation`` and ``state`` (the checkpoint
+on disk).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from ..protocol import (BAD_INPUT, Ack, Bye, Go, ProtocolError, Ready, Training,
                         Welcome, Work, clean_text, encode, packed_ahead, tensor_frames)
 from . import state as disk
 from .config import HiveConfig
+from .deadlines import watch
 from .evaluation import Evaluator
 from .limits import Limits
 from .outer import OuterOptimizer
@@ -192,7 +194,7 @@ class Coordinator:
         while self.hive.rounds == 0 or self.round < self.hive.rounds:
             # in the order of their keys, so that who trains on which windows does not depend on
             # who connected first: a hive with the same peers is reproducible
-            connected = sorted((p for p in self.peers.values() if not p.ws.closed), key=lambda p: p.key_name)
+            connected = sorted((p for p in self.peers.values() if not p.ws.closed), key=lambda p: p.participant)
             ready = [p for p in connected if self.sitting_out.get(p.key_name, 0) <= self.round]
             if len(ready) < max(1, self.hive.min_peers):
                 ready = connected  # too few without those sitting out: slow rounds beat none
@@ -331,10 +333,19 @@ class Coordinator:
 
     async def handle_peer(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=self.limits.max_frame_bytes, heartbeat=30)
+        who = f"a connection from {request.remote}"
+
+        def expired() -> None:
+            log.warning("cutting off %s: a message took over %g s to arrive (--message-timeout)",
+                        who, self.limits.message_timeout)
+
+        if ws.can_prepare(request).ok:
+            watch(request, self.limits.message_timeout, expired)
         await ws.prepare(request)
         peer = await admit(ws, request.remote or "?", self.limiter, self.keys, self.peers.values(), self.limits)
         if peer is None:
             return ws
+        who = f"peer {peer.name}"
         peer.transport = request.transport
         self.peers[peer.id] = peer
         log.info("peer %s (%s, key %s) joined from %s", peer.name, peer.device, peer.key_name, peer.address)
@@ -440,7 +451,7 @@ class Coordinator:
         up = peer.upload
         if up is None or (up.round, up.parts) != (m.round, m.parts):
             if up is not None and up.rnd is not None:  # an upload started over: the old one's parts come out
-                self._aggregate(up.rnd, up.rnd.agg.discard, peer.key_name)
+                self._aggregate(up.rnd, up.rnd.agg.discard, peer.participant)
             counts = (rnd is not None and m.round == rnd.number and peer.id in rnd.expected
                       and peer.id not in rnd.reported)
             up = peer.upload = Upload(m.round, m.parts, rnd if counts else None,
@@ -474,10 +485,10 @@ class Coordinator:
                     and self.guard.admissible(math.sqrt(up.squared_norm), rnd.model_norm)):
                 # Weighted by the share of its work it did: 1.0 for a whole round's, so one peer's
                 # update passes through the mean exactly, and equal peers' by powers of two.
-                up.adding = self._aggregate(rnd, rnd.agg.add, peer.key_name, part, up.tokens / rnd.assigned[peer.id])
+                up.adding = self._aggregate(rnd, rnd.agg.add, peer.participant, part, up.tokens / rnd.assigned[peer.id])
             else:  # it can no longer be accepted (or its round closed): what was added comes out
                 up.summing = False
-                self._aggregate(up.rnd, up.rnd.agg.discard, peer.key_name)
+                self._aggregate(up.rnd, up.rnd.agg.discard, peer.participant)
         del part
         if len(up.seen) < up.parts:
             return
@@ -514,11 +525,11 @@ class Coordinator:
         self.misses.pop(peer.key_name, None)
         self.sitting_out.pop(peer.key_name, None)
         if scale is None:
-            self._aggregate(rnd, rnd.agg.discard, peer.key_name)
+            self._aggregate(rnd, rnd.agg.discard, peer.participant)
             rnd.rejected += 1
             log.warning("rejected an update from %s: %s", peer.name, detail)
         else:
-            self._aggregate(rnd, rnd.agg.commit, peer.key_name, scale)
+            self._aggregate(rnd, rnd.agg.commit, peer.participant, scale)
             tokens = up.tokens
             rnd.clipped += status == "clipped"
             rnd.credits.append((peer, m.loss if math.isfinite(m.loss) else 0.0, tokens))

@@ -21,11 +21,13 @@ class Limits:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_message_objects: int = MAX_OBJECTS
     hello_timeout: float = 15.0
+    message_timeout: float = 60.0
     max_login_failures: int = 5
     login_window: float = 60.0
     max_key_logins: int = 30
     max_pending_logins: int = 8
     max_peers_per_address: int = 64
+    max_connections_per_key: int = 1
     max_messages_per_second: float = 200.0
     message_burst: int = 2000
 
@@ -41,12 +43,16 @@ HELP = {
     "max_message_bytes": "bytes of a message once decompressed",
     "max_message_objects": "maps, lists and items in one message",
     "hello_timeout": "seconds a new connection has to log in",
+    "message_timeout": "seconds a peer has to send a whole message, from its first byte to its last (an update "
+                       "travels in parts of 1 MiB: 60 s lets one through at 150 kbit/s)",
     "max_login_failures": "wrong keys from one address per --login-window, after which its wrong keys are only "
                           "told to wait (a valid key from it still gets in)",
     "login_window": "seconds over which logins are counted",
     "max_key_logins": "logins with one valid key per --login-window (a peer in a reconnection loop)",
     "max_pending_logins": "connections from one address logging in at once (the oldest is closed)",
-    "max_peers_per_address": "peers logged in from one address (one key each)",
+    "max_peers_per_address": "peers logged in from one address",
+    "max_connections_per_key": "peers logged in with one key at once; each counts as a participant of its own in "
+                               "the aggregation, while strikes, bans and sit-outs stay the key's",
     "max_messages_per_second": "a peer's sustained message rate, above which it is disconnected",
     "message_burst": "messages a peer may send at once above that rate (a whole update's parts)",
 }

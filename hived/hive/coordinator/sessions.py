@@ -1,5 +1,6 @@
 """Connections and who is behind them: the login handshake, its rate limit, and each peer's
-session. One key is one participant: a key joins once at a time, and a banned key not at all."""
+session. One key is one participant (unless the operator lets a key join more than once at a
+time), and a banned key joins not at all."""
 
 from __future__ import annotations
 
@@ -48,6 +49,9 @@ class PeerSession:
     id: str
     name: str  # what it calls itself (shown; the key's name is what counts)
     key_name: str
+    # Who it is in a round's aggregation: the key's name, or "NAME#2" and on for a key's further
+    # connections (--max-connections-per-key), so that the order of updates stays the same run to run.
+    participant: str
     device: str
     replicas: int  # shares of each round's work (a Ray cluster's workers)
     address: str
@@ -190,11 +194,13 @@ async def _login(ws: web.WebSocketResponse, address: str, limiter: LoginLimiter,
         await refuse(ws, f"key {key_name} is banned ({banned}); the coordinator's operator can lift "
                          f"the ban with `hived keys unban {key_name}`", final=True)
         return None
-    other = next((p for p in connected if p.key_name == key_name and not p.ws.closed), None)
-    if other is not None:  # one key, one participant: its weight and its strikes are not multiplied
+    # One key, one participant by default: its weight in the aggregation is not multiplied.
+    taken = {p.participant: p.address for p in connected if p.key_name == key_name and not p.ws.closed}
+    if len(taken) >= limits.max_connections_per_key:
         limiter.refusals["key_in_use"] += 1
-        await refuse(ws, f"key {key_name} is already connected (from {other.address}); each key joins "
-                         "once: ask the operator for a key per machine (`hived keys add NAME`)")
+        await refuse(ws, f"key {key_name} is already connected (from {', '.join(sorted(set(taken.values())))}); "
+                         f"a key joins {limits.max_connections_per_key} time(s) at once: ask the operator for a "
+                         "key per machine (`hived keys add NAME`)")
         return None
     if sum(1 for p in connected if p.address == address and not p.ws.closed) >= limits.max_peers_per_address:
         limiter.refusals["address_full"] += 1
@@ -207,6 +213,8 @@ async def _login(ws: web.WebSocketResponse, address: str, limiter: LoginLimiter,
         await refuse(ws, f"key {key_name} has logged in {limiter.key_limit} times in {limiter.window:.0f} s; "
                          f"try again in {wait:.0f} s")
         return None
-    return PeerSession(secrets.token_hex(4), clean_text(hello.name) or key_name, key_name,
+    participant = next(name for n in range(1, limits.max_connections_per_key + 1)
+                       if (name := key_name if n == 1 else f"{key_name}#{n}") not in taken)
+    return PeerSession(secrets.token_hex(4), clean_text(hello.name) or key_name, key_name, participant,
                        clean_text(hello.device), hello.replicas, address, ws,
                        rate=MessageRate(limits.max_messages_per_second, limits.message_burst))
