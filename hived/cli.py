@@ -66,11 +66,15 @@ TRAIN_HELP = {
 
 def train_options(fn):
     """One click option per TrainConfig field. Defaults are None ("not given") so a --config
-    file and the preset can supply them; the dataclass holds the real defaults."""
+    file and the preset can supply them; the help shows what a run with the default preset
+    really uses (the preset's own value where it sets one)."""
+    preset = load_preset(TrainConfig.preset).get("train", {})
     for f in reversed(dataclasses.fields(TrainConfig)):
         flag = "--" + f.name.replace("_", "-")
         default = TrainConfig.__dataclass_fields__[f.name]
         shown = default.default if default.default is not dataclasses.MISSING else None
+        if f.name in preset:
+            shown = f"{preset[f.name]} with preset {TrainConfig.preset}; each preset sets its own"
         help_text = TRAIN_HELP[f.name] + (f" [default: {shown}]" if shown not in (None, "", False) else "")
         if f.type == "bool":
             fn = click.option(f"{flag}/--no-{flag[2:]}", default=None, help=help_text)(fn)

@@ -39,6 +39,13 @@ def test_help_lists_every_command(env):
                  "--checkpoint-interval", "--out", "--resume", "--device", "--low-vram", "--compile",
                  "--seed", "--config"):
         assert flag in train_help, flag
+    # the defaults shown are the ones a run with the default preset uses, not the dataclass's
+    flat = " ".join(train_help.split())
+    preset = load_preset("1m")["train"]
+    assert preset, "the 1m preset sets no training options: this check checks nothing"
+    for name, value in preset.items():
+        flag = name.replace("_", "-")
+        assert re.search(rf"--{flag} \S+ [^\[]*\[default: {value} with preset 1m", flat), name
 
 
 def test_presets_print_the_models_true_parameter_counts(env, corpus):
@@ -138,6 +145,10 @@ def test_bad_checkpoints_and_run_folders_get_clear_errors(env, corpus, tmp_path)
     (run / "best.pt").write_bytes(data[: len(data) // 3])
     proc = hived("generate", "--checkpoint", str(run / "best.pt"), env=env, check=False)
     assert proc.returncode == 1 and "truncated or corrupt" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "hostname").write_text("myhost\n")
+    text = hived("generate", "--checkpoint", str(tmp_path / "hostname"), env=env, check=False)
+    assert text.returncode == 1 and "is not a hived checkpoint" in text.stderr
+    assert "weights_only" not in text.stderr and "Traceback" not in text.stderr
     again = hived("train", "--data", str(corpus), "--out", str(run), env=env, check=False)
     assert again.returncode == 1 and "--resume" in again.stderr
     other = hived("train", "--out", str(run), "--resume", "--preset", "10m", env=env, check=False)
