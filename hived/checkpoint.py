@@ -21,6 +21,7 @@ import torch
 
 FORMAT = "hived-checkpoint"
 VERSION = 1
+ZIP_MAGIC = b"PK\x03\x04"
 
 
 class CheckpointError(ValueError):
@@ -78,9 +79,16 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    with path.open("rb") as f:
+        if f.read(4) != ZIP_MAGIC:  # what every torch.save since 1.6 writes
+            raise CheckpointError(f"{path} is not a hived checkpoint; pass a .pt file of a run folder "
+                                  "(best.pt, latest.pt or final.pt)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
+        if "weights_only" in str(exc):  # torch's advice to unpickle it anyway is not ours to give
+            raise CheckpointError(f"{path} is not a hived checkpoint: it holds Python objects, which hived "
+                                  "never loads (loading them could run any code)") from None
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {str(exc)[:200]}); "
             "use another checkpoint of the run (best.pt, latest.pt, final.pt) or start a new --out"
