@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from tqdm import tqdm
@@ -19,17 +20,23 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, total_steps: int, start_step: int, log_interval: int, stream: TextIO | None = None):
+    """Tokens/s is that of the last ``log_interval`` steps; the ETA comes from the pace since the
+    first step, evaluations and samples included, so it does not swing each time one of them
+    lands in a window."""
+
+    def __init__(self, total_steps: int, start_step: int, log_interval: int, stream: TextIO | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
         self.stream = stream or sys.stderr
         self.total = total_steps
         self.log_interval = log_interval
+        self.clock = clock
         self.bar = (tqdm(total=total_steps, initial=start_step, file=self.stream, unit="step",
-                         dynamic_ncols=True, smoothing=0.05)
+                         dynamic_ncols=True, smoothing=0)  # 0: tqdm's ETA from the average pace too
                     if self.stream.isatty() else None)
-        self.window_start = time.perf_counter()
+        self.window_start = clock()
         self.window_tokens = 0
         self.rate = 0.0  # tokens/s over the last log window
-        self.step_rate = 0.0  # steps/s, for the ETA
+        self.first: tuple[float, int] | None = None  # when the first step ended, and its number
 
     def _print(self, line: str) -> None:
         if self.bar is not None:
@@ -50,17 +57,18 @@ class Progress:
 
     def _step(self, data: dict[str, Any]) -> None:
         step = data["step"]
+        now = self.clock()
+        if self.first is None:
+            self.first = (now - data["step_time"], step - 1)
         self.window_tokens += data["tokens_per_sec"] * data["step_time"]
         if self.bar is not None:
             self.bar.update(1)
         if step % self.log_interval and step != self.total:
             return
-        now = time.perf_counter()
-        span = max(now - self.window_start, 1e-9)
-        self.rate = self.window_tokens / span
-        self.step_rate = self.log_interval / span
+        self.rate = self.window_tokens / max(now - self.window_start, 1e-9)
         self.window_start, self.window_tokens = now, 0
-        eta = (self.total - step) / self.step_rate if self.step_rate else 0.0
+        since, first_step = self.first
+        eta = (self.total - step) * (now - since) / (step - first_step)
         if self.bar is not None:
             self.bar.set_postfix_str(f"loss {data['loss']:.4f} | {self.rate / 1e3:.1f}k tok/s", refresh=False)
         else:

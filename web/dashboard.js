@@ -69,9 +69,11 @@ function renderHeader() {
     const recent = run.step.slice(-20);
     const rate = recent.length ? recent.reduce((a, p) => a + p.tokens_per_sec, 0) / recent.length : NaN;
     $("rate").textContent = Number.isFinite(rate) ? formatNumber(rate) : "–";
-    const span = recent.length > 1 ? recent.at(-1).time - recent[0].time : 0;
-    const stepsPerSec = span > 0 ? (recent.length - 1) / span : 0;
-    $("eta").textContent = s.state === "training" && stepsPerSec ? clock((total - step) / stepsPerSec) : "–";
+    // The pace since this daemon started, evaluations and samples included: an ETA from the last
+    // few steps swings each time an evaluation lands among them.
+    const mine = run.step.filter(p => p.time >= s.started);
+    const pace = mine.length > 1 ? (mine.at(-1).time - mine[0].time) / (mine.at(-1).step - mine[0].step) : 0;
+    $("eta").textContent = s.state === "training" && pace > 0 ? clock((total - step) * pace) : "–";
     $("losses").textContent = `${lastStep ? lastStep.loss.toFixed(3) : "–"} / ${lastEval ? lastEval.val_loss.toFixed(3) : "–"}`;
   }
   $("config").textContent = JSON.stringify({preset: info.preset, params: info.params, model: info.model,
