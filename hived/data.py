@@ -169,10 +169,11 @@ class TokenData:
         n = len(tokens)
         n_val = max(block_size + 1, int(n * val_fraction))
         if n - n_val < block_size + 1:
-            raise DataError(
-                f"{name} has only {n} tokens, too few for a context of {block_size} plus a "
-                f"validation split; add more text or choose a preset with a shorter context"
-            )
+            fits = min(n // 2, n - int(n * val_fraction)) - 1  # the longest context that leaves both splits a window
+            shorter = (f", or train with a shorter context: `block_size = {fits}` (the longest that fits) under "
+                       "`[model]` in a --config file" if fits >= 2 else "")
+            raise DataError(f"{name} has only {n} tokens, too few for a context of {block_size} plus a "
+                            f"validation split; add more text{shorter}")
         self.block_size = block_size
         self.train = tokens[: n - n_val]
         self.val = tokens[n - n_val:]

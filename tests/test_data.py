@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -116,5 +118,9 @@ def test_validation_covers_the_whole_split_once():
 def test_too_small_a_corpus_says_what_to_do(tmp_path):
     (tmp_path / "tiny.txt").write_text("just a few words\n")
     cfg = TrainConfig(data=[str(tmp_path / "tiny.txt")], cache_dir=str(tmp_path / "c"))
-    with pytest.raises(DataError, match="too few for a context of 64"):
+    with pytest.raises(DataError, match="too few for a context of 64") as err:
         prepare(cfg, block_size=64)
+    fits = int(re.search(r"`block_size = (\d+)`", str(err.value)).group(1))
+    assert prepare(cfg, block_size=fits)[1].block_size == fits  # the advice works
+    with pytest.raises(DataError):
+        prepare(cfg, block_size=fits + 1)  # and is the longest that does
