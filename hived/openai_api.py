@@ -1,5 +1,5 @@
 """An OpenAI-compatible HTTP API, so standard clients (the `openai` package, chat front-ends)
-work unchanged: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``.
+work unchanged: ``GET /v1/models`` (and ``/v1/models/{id}``), ``POST /v1/completions``, ``POST /v1/chat/completions``.
 
 Requests are checked field by field and refused with OpenAI's error JSON and a 4xx status. With
 ``stream: true`` the reply is Server-Sent Events, one chunk per piece of text, then
@@ -108,8 +108,7 @@ async def _body(request: web.Request) -> dict:
         raise ApiError(400, "the request body must be a JSON object")
     host = request.app[HOST]
     if body.get("model") not in (host.name, None):
-        raise ApiError(404, f"the model '{body.get('model')}' does not exist; this server has '{host.name}' "
-                            "(GET /v1/models)", param="model", code="model_not_found")
+        raise _no_such_model(body.get("model"), host)
     if not isinstance(body.get("stream", False), bool):
         raise ApiError(400, "'stream' must be true or false", param="stream")
     return body
@@ -122,10 +121,25 @@ def _check_prompt(prompt: str, limits: ApiLimits, param: str) -> str:
     return prompt
 
 
+def _model(host: ModelHost) -> dict[str, Any]:
+    return {"id": host.name, "object": "model", "created": 0, "owned_by": "hived", "weights": host.label}
+
+
 async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [_model(request.app[HOST])]})
+
+
+async def model(request: web.Request) -> web.Response:
+    """One model (the ``openai`` client's ``models.retrieve``)."""
     host = request.app[HOST]
-    return web.json_response({"object": "list", "data": [
-        {"id": host.name, "object": "model", "created": 0, "owned_by": "hived", "weights": host.label}]})
+    if request.match_info["model"] != host.name:
+        raise _no_such_model(request.match_info["model"], host)
+    return web.json_response(_model(host))
+
+
+def _no_such_model(name: object, host: ModelHost) -> ApiError:
+    return ApiError(404, f"the model '{name}' does not exist; this server has '{host.name}' (GET /v1/models)",
+                    param="model", code="model_not_found")
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -205,5 +219,6 @@ def add_routes(app: web.Application, host: ModelHost, limits: ApiLimits) -> None
     app[LIMITS] = limits
     app.middlewares.append(api_errors)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model}", model)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)

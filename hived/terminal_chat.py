@@ -126,14 +126,22 @@ class ChatError(RuntimeError):
     pass
 
 
-def _set(settings: Settings, name: str, raw: str) -> str:
-    value = type(getattr(settings, name))(raw)
+def _set(settings: Settings, command: str, raw: str) -> str:
+    name, example = COMMANDS[command]
+    kind = type(getattr(settings, name))
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{command} needs {'a whole number' if kind is int else 'a number'}, as in {command} "
+                         f"{example}") from None
     replace(settings, **{name: value}).sampling()  # checks the value first
     setattr(settings, name, value)
     return f"{name} = {value}"
 
 
-COMMANDS = {"/temp": "temperature", "/topk": "top_k", "/topp": "top_p", "/max": "max_tokens"}
+COMMANDS = {"/temp": ("temperature", "0.7"), "/topk": ("top_k", "40"), "/topp": ("top_p", "0.9"),
+            "/max": ("max_tokens", "200")}
+EMPTY = "(no reply: the model ended its turn at once; ask again, raise /temp, or /reset)"
 
 
 def run(backend: Backend, out: TextIO = sys.stdout, typewriter: float | None = None) -> int:
@@ -173,7 +181,7 @@ def run(backend: Backend, out: TextIO = sys.stdout, typewriter: float | None = N
                     messages.clear()
                     print(f"now chatting with {backend.model} (conversation cleared)", file=out)
                 elif command in COMMANDS:
-                    print(_set(settings, COMMANDS[command], arg), file=out)
+                    print(_set(settings, command, arg), file=out)
                 else:
                     print(f"unknown command {command}; /help lists them", file=out)
             except (ValueError, ChatError, CheckpointError, OSError) as exc:
@@ -190,7 +198,7 @@ def run(backend: Backend, out: TextIO = sys.stdout, typewriter: float | None = N
             messages.pop()
             print(f"\nerror: {exc}", file=out)
             continue
-        print(file=out)
+        print("" if answer.strip() else EMPTY, file=out)
         messages.append({"role": "assistant", "content": answer})
 
 

@@ -3,6 +3,7 @@ by the `openai` Python client itself, and `hived chat` driven through its slash 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -81,6 +82,9 @@ def test_models_and_chat_completions(daemon):
     client = daemon.client()
     models = client.models.list().data
     assert [m.id for m in models] == ["run"]
+    assert client.models.retrieve("run").id == "run"
+    with pytest.raises(openai.NotFoundError, match="the model 'gpt-4' does not exist"):
+        client.models.retrieve("gpt-4")
     reply = client.chat.completions.create(model="run", messages=[{"role": "user", "content": "the night"}],
                                            max_tokens=12, temperature=0.7, top_p=0.9, seed=1,
                                            extra_body={"top_k": 20, "repetition_penalty": 1.2})
@@ -187,6 +191,7 @@ def test_terminal_chat_with_a_checkpoint(trained):
     assert "temperature=0.0  top_k=5  top_p=0.5  max_tokens=7" in out
     assert out.count("error:") == 2  # a negative temperature and a non-number are refused
     assert "temperature must be at least 0" in out
+    assert "error: /max needs a whole number, as in /max 200" in out and "invalid literal" not in out
     assert f"* {checkpoint}" in out and "conversation cleared" in out and "unknown command /bogus" in out
     replies = re.findall(r"bot> (.*?)\nyou> ", out, re.S)
     assert len(replies) == 2 and "never read" not in out
@@ -214,3 +219,21 @@ def test_the_openai_client_example(daemon, trained):
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.endswith("\n") and len(out.stdout) > 1
+
+
+def test_an_empty_reply_is_said_to_be_one(monkeypatch):
+    """A model that ends its turn at once (a chat reply of nothing once the template's space is
+    left out): the line says so rather than showing a bare prompt."""
+    from hived import terminal_chat
+
+    class Silent:
+        model = "silent"
+
+        def reply(self, messages, settings):
+            return iter(())
+
+    lines = iter(["hello", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
+    out = io.StringIO()
+    assert terminal_chat.run(Silent(), out) == 0
+    assert f"bot> {terminal_chat.EMPTY}\n" in out.getvalue()
