@@ -216,7 +216,7 @@ def convergence(data: str, rounds: int, sync_rounds: int, inner: int, outer_lr: 
             local_s = time.time() - t0
             lines = Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()
         losses["hive"].append(hive["history"][-1]["val_loss"])
-        losses["single"].append(json.loads(lines[-1])["val_loss"])
+        losses["single"].append([r for r in map(json.loads, lines) if r["kind"] == "eval"][-1]["val_loss"])
         print(f"seed {seed}: diloco val loss {losses['hive'][-1]:.4f} ({hive_s:.0f} s wall), single process "
               f"{losses['single'][-1]:.4f} ({local_s:.0f} s wall): {losses['hive'][-1] / losses['single'][-1]:.4f}",
               flush=True)

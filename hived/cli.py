@@ -543,7 +543,8 @@ def _model_state(path: str) -> tuple:
     run_dir = Path(path).resolve().parent
     host = ModelHost(run_dir.name or "hived")
     host.publish(model, tok, Path(path).name, snapshot=True)  # nothing else holds this model
-    state = RunState("model", info={"checkpoint": str(path), "step": saved.get("step"), "steps": saved.get("step"),
+    state = RunState("model", info={"checkpoint": str(path), "step": saved.get("step"),
+                                    "steps": (saved.get("train_config") or {}).get("steps"),
                                     "model": saved.get("model_config"), "config": saved.get("train_config"),
                                     "params": model.num_params()})
     if (run_dir / "metrics.jsonl").exists():

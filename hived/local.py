@@ -89,4 +89,7 @@ def train(run: RunConfig, state: dict | None = None, stream: TextIO | None = Non
     save(("latest.pt", "final.pt"))
     events.emit("done", step=trainer.step, best_val=trainer.best_val)
     say(f"done: step {trainer.step}, best val loss {trainer.best_val:.4f}; checkpoints in {out}")
+    best = out / "best.pt" if (out / "best.pt").exists() else out / "final.pt"
+    say(f"to chat with the model now that the run is over: hived serve --checkpoint {best} (the dashboard "
+        f"and chat in a browser), or hived chat --checkpoint {best} (in the terminal)")
     return trainer

@@ -13,11 +13,12 @@ FIELDS = {
     "step": ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_sec", "train_time", "elapsed"),
     "eval": ("step", "val_loss", "val_ppl", "tokens", "train_time", "elapsed"),
     "restart": ("step", "rewound", "world_size", "elapsed"),  # a cluster's workers went back to a checkpoint
+    "sample": ("step", "prompt", "text", "elapsed"),  # so a served run shows them too
 }
 
 
 class MetricsLog:
-    """An Events listener appending one JSON object per step and per evaluation.
+    """An Events listener appending one JSON object per step, evaluation and text sample.
 
     On resume, and when a cluster's workers restart from a checkpoint, records newer than the
     checkpoint (from steps that were lost, and are trained again) are dropped first, so the file

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import FAST, free_port, hived
 from test_hive import Hive
 
 CHROMIUM = os.environ.get("HIVED_CHROMIUM", "/usr/bin/chromium")
@@ -94,6 +94,35 @@ def test_dashboard_follows_a_real_training_run_and_chat_streams(browser, tmp_pat
     finally:
         train.kill()
         train.wait(timeout=10)
+
+
+def test_a_served_checkpoint_shows_its_own_step_and_the_runs_samples(browser, tmp_path, env, corpus):
+    """The final checkpoint of a 20-step run that was then resumed to 25: the page gives its own
+    step of its own planned 20 (it said 25 / 20), and shows the samples the run wrote."""
+    run = tmp_path / "run"
+    hived("train", "--data", str(corpus), "--out", str(run), "--steps", "20", "--no-ui", *FAST, env=env, timeout=180)
+    (run / "step20.pt").write_bytes((run / "final.pt").read_bytes())
+    hived("train", "--out", str(run), "--resume", "--steps", "25", "--no-ui", env=env, timeout=180)
+    port = free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "hived.cli", "serve", "--checkpoint", str(run / "step20.pt"),
+                              "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        page = browser.new_page()
+        deadline = time.time() + 60
+        while True:
+            try:
+                page.goto(f"http://127.0.0.1:{port}/")
+                break
+            except Exception:
+                assert time.time() < deadline and serve.poll() is None
+                time.sleep(0.5)
+        page.wait_for_function(f"() => {SAMPLES} > 0", timeout=30_000)
+        assert page.text_content("#progress") == "20 / 20"
+        steps = [int(t.split()[1]) for t in page.eval_on_selector_all("#samples .meta", "es => es.map(e => e.textContent)")]
+        assert steps == [25, 20, 15, 10, 5]
+    finally:
+        serve.kill()
+        serve.wait(timeout=10)
 
 
 def test_peer_names_show_as_text(browser, tmp_path, env, corpus):

@@ -72,6 +72,8 @@ def test_train_then_generate(env, corpus, tmp_path):
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [5, 10]
     assert {"loss", "lr", "grad_norm", "tokens_per_sec", "elapsed"} <= set(records[0])
+    assert [(r["step"], bool(r["text"])) for r in records if r["kind"] == "sample"] == [(5, True), (10, True)]
+    assert f"hived serve --checkpoint {run / 'best.pt'}" in proc.stderr  # how to go on chatting with it
     assert checkpoint.load(run / "best.pt")["best_val"] == min(r["val_loss"] for r in evals)
     args = ["generate", "--checkpoint", str(run / "best.pt"), "--prompt", "The night", "--max-tokens", "50",
             "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9", "--repetition-penalty", "1.1",
@@ -121,8 +123,9 @@ def test_interrupted_and_resumed_run_ends_exactly_like_a_straight_one(env, corpu
     a, b = final_weights(straight), final_weights(split)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert steps_logged(split) == list(range(1, 61))  # lost steps' records were dropped, none doubled
-    last = lambda run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]  # noqa: E731
-    assert last(straight)["val_loss"] == last(split)["val_loss"]
+    evals = lambda run: [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())  # noqa: E731
+                         if r["kind"] == "eval"]
+    assert evals(straight)[-1]["val_loss"] == evals(split)[-1]["val_loss"]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -257,7 +260,7 @@ def test_train_serves_its_dashboard_on_a_free_port_when_the_asked_one_is_busy(en
 def test_no_ui_trains_without_serving(env, corpus, tmp_path):
     err = hived("train", "--data", str(corpus), "--out", str(tmp_path / "run"), "--steps", "3", "--no-ui", *FAST,
                 env=env).stderr
-    assert "dashboard" not in err and (tmp_path / "run" / "final.pt").exists()
+    assert "dashboard at" not in err and (tmp_path / "run" / "final.pt").exists()
 
 
 def test_an_open_dashboard_does_not_keep_a_finished_run_alive(env, corpus, tmp_path):

@@ -63,7 +63,8 @@ function renderHeader() {
     const lastVal = run.eval[run.eval.length - 1];
     $("losses").textContent = lastRound ? `${lastRound.train_loss.toFixed(3)} / ${lastVal ? lastVal.val_loss.toFixed(3) : "–"}` : "–";
   } else {
-    const step = lastStep ? lastStep.step : (info.step || 0), total = info.steps;
+    // A served checkpoint is at its own step, whatever the run went on to (its curves go on).
+    const step = s.role === "model" || !lastStep ? (info.step || 0) : lastStep.step, total = info.steps;
     $("progress").textContent = total ? `${step} / ${total}` : String(step);
     $("tokens").textContent = formatNumber(lastStep ? lastStep.tokens : 0);
     const recent = run.step.slice(-20);
