@@ -308,6 +308,21 @@ def cluster(config_file: str | None, workers: str, cpus_per_worker: float, gpus_
 
 
 @main.command()
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="a .pt file of a run")
+@click.option("--format", "fmt", type=click.Choice(["hf", "gguf"]), required=True,
+              help="hf: a Hugging Face folder (transformers); gguf: one file for llama.cpp, Ollama, LM Studio")
+@click.option("--out", required=True, type=click.Path(), help="the folder (hf) or file (gguf) to write")
+@click.option("--quant", type=click.Choice(["f16", "q8_0"]), default="f16", show_default=True,
+              help="GGUF only: the weights' type (q8_0: about half the size)")
+@user_errors
+def export(checkpoint: str, fmt: str, out: str, quant: str) -> None:
+    """Export a trained model for other tools: transformers (hf) or llama.cpp (gguf)."""
+    from .export import export as write
+
+    click.echo(write(checkpoint, fmt, out, quant))
+
+
+@main.command()
 @click.option("--data", multiple=True, type=click.Path(), help="text file or folder; repeat for several")
 @click.option("--vocab-size", type=int, default=4096, show_default=True)
 @click.option("--min-frequency", type=int, default=2, show_default=True)
@@ -329,7 +344,8 @@ def tokenize(data: tuple[str, ...], vocab_size: int, min_frequency: int, out: st
 
 
 @main.command()
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="a .pt file of a run")
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="a .pt file of a run, or a folder `hived export --format hf` wrote")
 @click.option("--prompt", default="", help="text to continue")
 @click.option("--max-tokens", type=int, default=200, show_default=True)
 @click.option("--temperature", type=float, default=0.8, show_default=True, help="0: greedy")
@@ -400,7 +416,7 @@ def presets(data: tuple[str, ...], tokenizer: str | None, vocab_size: int | None
 
 
 @main.command()
-@click.option("--checkpoint", type=click.Path(dir_okay=False), help="chat with this checkpoint, here")
+@click.option("--checkpoint", type=click.Path(), help="chat with this checkpoint (or exported folder), here")
 @click.option("--url", help="chat with a running daemon (hived train or hived serve), e.g. http://127.0.0.1:8765")
 @click.option("--typewriter", type=float, default=None, help="seconds per character (default: 0.01 on a terminal)")
 def chat(checkpoint: str | None, url: str | None, typewriter: float | None) -> None:
@@ -434,8 +450,9 @@ STATE_DIR = _state_dir(required=True)
 @from_environment
 @main.command()
 @click.option("--role", type=click.Choice(["coordinator"]), default="coordinator", show_default=True)
-@click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True),
-              help="serve a trained model's dashboard and chat (instead of coordinating a hive)")
+@click.option("--checkpoint", type=click.Path(exists=True),
+              help="serve a trained model's dashboard and chat (instead of coordinating a hive): a .pt file, "
+                   "or a folder `hived export --format hf` wrote")
 @_state_dir(required=False)
 @WEB_HOST
 @click.option("--port", type=int, default=8765, show_default=True)
@@ -532,15 +549,15 @@ def serve(role: str, checkpoint: str | None, state_dir: str | None, host: str, p
 def _model_state(path: str) -> tuple:
     """The dashboard's state and the chat's model for a finished checkpoint (with the curves of
     its run, when the run's metrics.jsonl sits beside it)."""
-    from . import checkpoint as ckpt
     from . import metrics
     from .dashboard import RunState
-    from .inference import model_from_state
+    from .inference import load_state, model_from_state
     from .serving import ModelHost
 
-    saved = ckpt.load(path)
+    saved = load_state(path)
     model, tok = model_from_state(saved, path)
-    run_dir = Path(path).resolve().parent
+    where = Path(path).resolve()
+    run_dir = where if where.is_dir() else where.parent  # an exported folder is named for its model
     host = ModelHost(run_dir.name or "hived")
     host.publish(model, tok, Path(path).name, snapshot=True)  # nothing else holds this model
     state = RunState("model", info={"checkpoint": str(path), "step": saved.get("step"),

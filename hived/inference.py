@@ -1,4 +1,4 @@
-"""Loading a trained model for generation (the CLI now, the chat endpoint later)."""
+"""Loading a trained model for generation, chat and serving: a checkpoint, or an exported folder."""
 
 from __future__ import annotations
 
@@ -11,8 +11,15 @@ from .model import GPT
 from .tokenizer import Tokenizer, from_json
 
 
+def load_state(path: str | Path) -> dict:
+    """A checkpoint file, or a folder `hived export --format hf` wrote, as a checkpoint's contents."""
+    from .export import hf
+
+    return hf.read_state(path) if hf.is_folder(path) else checkpoint.load(path)
+
+
 def load_model(path: str | Path, device: str = "auto") -> tuple[GPT, Tokenizer]:
-    return model_from_state(checkpoint.load(path), path, device)
+    return model_from_state(load_state(path), path, device)
 
 
 def model_from_state(state: dict, path: str | Path, device: str = "auto") -> tuple[GPT, Tokenizer]:

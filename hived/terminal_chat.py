@@ -217,7 +217,7 @@ def backend_for(checkpoint: str | None, url: str | None, api_key: str | None) ->
     if bool(checkpoint) == bool(url):
         raise ChatError("give either --checkpoint PATH or --url http://host:port")
     if checkpoint:
-        if not Path(checkpoint).is_file():
+        if not Path(checkpoint).exists():
             raise ChatError(f"no checkpoint at {checkpoint}")
         return LocalBackend(checkpoint)
     return HttpBackend(url, api_key)

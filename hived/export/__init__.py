@@ -1,0 +1,28 @@
+"""`hived export`: a trained model in the formats other tools load, Hugging Face (``hf``) and
+llama.cpp's GGUF (``gguf``), and an exported folder read back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import checkpoint
+from ..config import ModelConfig, build
+from ..tokenizer import from_json
+
+FORMATS = ("hf", "gguf")
+
+
+def export(path: str | Path, fmt: str, out: str | Path, quant: str = "f16") -> str:
+    """Export checkpoint ``path`` to ``out``; says what was written."""
+    state = checkpoint.load(path)
+    cfg = build(ModelConfig, state["model_config"], str(path))
+    tok = from_json(state["tokenizer"])
+    if fmt == "hf":
+        from . import hf
+
+        name = hf.write(Path(out), cfg, state["model"], tok, state.get("step"))
+        return f"{out}: {name}, loads with transformers' AutoModelForCausalLM and AutoTokenizer"
+    from . import gguf
+
+    name = gguf.write(Path(out), cfg, state["model"], tok, quant)
+    return f"{out}: GGUF ({name}, {quant}), loads with llama.cpp"
