@@ -3,6 +3,7 @@ llama.cpp's GGUF (``gguf``), and an exported folder read back."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .. import checkpoint
@@ -26,3 +27,11 @@ def export(path: str | Path, fmt: str, out: str | Path, quant: str = "f16") -> s
 
     name = gguf.write(Path(out), cfg, state["model"], tok, quant)
     return f"{out}: GGUF ({name}, {quant}), loads with llama.cpp"
+
+
+def readable(path: Path) -> None:
+    """Give a written file or folder the mode the umask allows, as a plain write would: the
+    temporary ones it was written as are private, and llama.cpp or Ollama may run as another user."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)

@@ -138,8 +138,9 @@ def _gpt2(cfg: ModelConfig) -> Family:
     return Family("GPT2LMHeadModel", "gpt2", config, slots)
 
 
-def to_family(fam: Family, state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """hived's tensors under the family's names (each a new contiguous tensor)."""
+def to_family(fam: Family, state: dict[str, torch.Tensor], transpose: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """hived's tensors under the family's names (each a new contiguous tensor); ``transpose``
+    False keeps every matrix as torch lays it out (llama.cpp's GPT-2 wants them so)."""
     for slot in fam.slots:
         if slot.source is None:
             yield slot.name, torch.zeros(slot.zeros, dtype=state["wte.weight"].dtype)
@@ -147,7 +148,7 @@ def to_family(fam: Family, state: dict[str, torch.Tensor]) -> Iterator[tuple[str
         t = state[slot.source]
         i, n = slot.part
         t = t.chunk(n, dim=0)[i] if n > 1 else t
-        yield slot.name, (t.T if slot.transpose else t).contiguous().clone()
+        yield slot.name, (t.T if slot.transpose and transpose else t).contiguous().clone()
 
 
 def from_family(fam: Family, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from ..checkpoint import CheckpointError
 from ..config import ModelConfig, build
 from ..generate import SamplingParams
 from ..tokenizer import Tokenizer
+from . import readable
 from . import tokenizer as tokenizers
 from .architectures import family, from_family, to_family
 
@@ -52,6 +53,7 @@ def write(out: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], tok: Toke
                            ("tokenizer_config.json", tokenizer_config)):
             (tmp / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         (tmp / "tokenizer.json").write_text(tokenizers.to_hf(tok), encoding="utf-8")
+        readable(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
