@@ -453,6 +453,9 @@ STATE_DIR = _state_dir(required=True)
 @click.option("--checkpoint", type=click.Path(exists=True),
               help="serve a trained model's dashboard and chat (instead of coordinating a hive): a .pt file, "
                    "or a folder `hived export --format hf` wrote")
+@click.option("--runs", "runs_dir", type=click.Path(exists=True, file_okay=False),
+              help="list the runs in this folder on the dashboard, to compare their curves and configs "
+                   "(with --checkpoint, or alone)")
 @_state_dir(required=False)
 @WEB_HOST
 @click.option("--port", type=int, default=8765, show_default=True)
@@ -488,11 +491,12 @@ STATE_DIR = _state_dir(required=True)
 @LOG_FORMAT
 @train_options
 @user_errors
-def serve(role: str, checkpoint: str | None, state_dir: str | None, host: str, port: int, tls_cert: str | None,
-          tls_key: str | None, threads: int | None, api_key_file, log_format: str, config_file: str | None,
-          **flags) -> None:
+def serve(role: str, checkpoint: str | None, runs_dir: str | None, state_dir: str | None, host: str, port: int,
+          tls_cert: str | None, tls_key: str | None, threads: int | None, api_key_file, log_format: str,
+          config_file: str | None, **flags) -> None:
     """Run the daemon: a hive coordinator that peers join with `hived join`, or (--checkpoint) a
-    trained model's dashboard and chat. Both serve the dashboard at / and the chat at /chat."""
+    trained model's dashboard and chat, or (--runs) a dashboard that compares runs. All serve the
+    dashboard at / and the chat at /chat."""
     import ssl
 
     from aiohttp import web
@@ -511,11 +515,18 @@ def serve(role: str, checkpoint: str | None, state_dir: str | None, host: str, p
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(tls_cert, tls_key)
     http = f"http{'s' if context else ''}://{host}:{port}"
-    if checkpoint:
-        state, model_host = _model_state(checkpoint)
+    if checkpoint or runs_dir:
+        state, model_host = _model_state(checkpoint) if checkpoint else (RunState("runs"), ModelHost("none"))
+        state.set_state("serving")
         app = make_app(state, model_host, _api_limits(api_key_file), http_limits)
-        log.info("serving %s: dashboard at %s/, chat at %s/chat, OpenAI-compatible API at %s/v1 (model %r)",
-                 checkpoint, http, http, http, model_host.name)
+        if runs_dir:
+            from . import runs
+
+            runs.add_routes(app, Path(runs_dir))
+            log.info("comparing the runs in %s: dashboard at %s/", runs_dir, http)
+        if checkpoint:
+            log.info("serving %s: dashboard at %s/, chat at %s/chat, OpenAI-compatible API at %s/v1 (model %r)",
+                     checkpoint, http, http, http, model_host.name)
     else:
         from .config import resolve
         from .hive.coordinator import Coordinator, HiveConfig, add_routes
@@ -560,13 +571,14 @@ def _model_state(path: str) -> tuple:
     run_dir = where if where.is_dir() else where.parent  # an exported folder is named for its model
     host = ModelHost(run_dir.name or "hived")
     host.publish(model, tok, Path(path).name, snapshot=True)  # nothing else holds this model
-    state = RunState("model", info={"checkpoint": str(path), "step": saved.get("step"),
-                                    "steps": (saved.get("train_config") or {}).get("steps"),
-                                    "model": saved.get("model_config"), "config": saved.get("train_config"),
-                                    "params": model.num_params()})
+    state = RunState("model")
     if (run_dir / "metrics.jsonl").exists():
         for record in metrics.read(run_dir):
             state(record.pop("kind", "step"), record)
+    # after the run's records, whose start would say where the run began rather than where this model is
+    state.info.update({"checkpoint": str(path), "step": saved.get("step"),
+                       "steps": (saved.get("train_config") or {}).get("steps"), "model": saved.get("model_config"),
+                       "config": saved.get("train_config"), "params": model.num_params()})
     state.set_state("serving")
     return state, host
 

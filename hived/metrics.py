@@ -14,6 +14,7 @@ FIELDS = {
     "eval": ("step", "val_loss", "val_ppl", "tokens", "train_time", "elapsed"),
     "restart": ("step", "rewound", "world_size", "elapsed"),  # a cluster's workers went back to a checkpoint
     "sample": ("step", "prompt", "text", "elapsed"),  # so a served run shows them too
+    "start": ("step", "steps", "params", "config", "model"),  # what the run is, for comparing runs
 }
 
 

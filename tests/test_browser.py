@@ -108,14 +108,7 @@ def test_a_served_checkpoint_shows_its_own_step_and_the_runs_samples(browser, tm
                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         page = browser.new_page()
-        deadline = time.time() + 60
-        while True:
-            try:
-                page.goto(f"http://127.0.0.1:{port}/")
-                break
-            except Exception:
-                assert time.time() < deadline and serve.poll() is None
-                time.sleep(0.5)
+        _open(page, f"http://127.0.0.1:{port}/", serve)
         page.wait_for_function(f"() => {SAMPLES} > 0", timeout=30_000)
         assert page.text_content("#progress") == "20 / 20"
         steps = [int(t.split()[1]) for t in page.eval_on_selector_all("#samples .meta", "es => es.map(e => e.textContent)")]
@@ -123,6 +116,98 @@ def test_a_served_checkpoint_shows_its_own_step_and_the_runs_samples(browser, tm
     finally:
         serve.kill()
         serve.wait(timeout=10)
+
+
+def test_the_charts_zoom_read_out_compare_runs_and_fill_the_page(browser, tmp_path, env, corpus):
+    """Two runs with different learning rates under one folder, served with --runs: the charts
+    zoom (drag, wheel) and pan (Shift+wheel), read out every series under the cursor, switch
+    the loss to a log scale, smooth by the slider, overlay a ticked run with its config beside
+    this one's, and fill each row at common widths."""
+    runs = tmp_path / "runs"
+    for lr in ("0.002", "0.004"):
+        hived("train", "--data", str(corpus), "--out", str(runs / f"lr{lr}"), "--steps", "20", "--lr", lr, "--no-ui",
+              *FAST, env=env, timeout=180)
+    port = free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "hived.cli", "serve", "--runs", str(runs), "--checkpoint",
+                              str(runs / "lr0.002" / "final.pt"), "--port", str(port)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        _open(page, f"http://127.0.0.1:{port}/", serve)
+        page.wait_for_function(f"() => {POINTS} >= 20 && !document.querySelector('#runs').hidden", timeout=30_000)
+        loss = "window.hivedCharts.loss.plot"
+
+        # the readout: every series has a value at the last step (an evaluation step)
+        over = page.locator("#chart-loss .u-over").bounding_box()
+        page.mouse.move(over["x"] + over["width"] - 1, over["y"] + over["height"] / 2)
+        values = page.eval_on_selector_all("#chart-loss .u-legend .u-value", "vs => vs.map(v => v.textContent)")
+        assert len(values) == 4 and "–" not in values, values  # step, train, smoothed, validation
+
+        # zoom by dragging, pan with Shift+wheel, zoom with the wheel, all by double click
+        full = page.evaluate(f"[{loss}.scales.x.min, {loss}.scales.x.max]")
+        page.mouse.move(over["x"] + over["width"] * 0.25, over["y"] + 20)
+        page.mouse.down()
+        page.mouse.move(over["x"] + over["width"] * 0.6, over["y"] + 20, steps=5)
+        page.mouse.up()
+        zoomed = page.evaluate(f"[{loss}.scales.x.min, {loss}.scales.x.max]")
+        assert full[0] < zoomed[0] < zoomed[1] < full[1], (full, zoomed)
+        page.mouse.move(over["x"] + over["width"] / 2, over["y"] + 20)
+        page.keyboard.down("Shift")
+        page.mouse.wheel(0, 100)
+        page.keyboard.up("Shift")
+        panned = page.evaluate(f"[{loss}.scales.x.min, {loss}.scales.x.max]")
+        assert panned[0] > zoomed[0] and abs((panned[1] - panned[0]) - (zoomed[1] - zoomed[0])) < 1e-6
+        page.mouse.wheel(0, -100)
+        closer = page.evaluate(f"[{loss}.scales.x.min, {loss}.scales.x.max]")
+        assert closer[1] - closer[0] < panned[1] - panned[0]
+        page.mouse.dblclick(over["x"] + over["width"] / 2, over["y"] + 20)
+        assert page.evaluate(f"[{loss}.scales.x.min, {loss}.scales.x.max]") == full
+
+        # log scale, and smoothing by the slider (0: the smoothed curve is the raw one)
+        page.check("#logy")
+        assert page.evaluate(f"{loss}.scales.y.distr") == 3
+        page.fill("#smooth", "0")
+        page.dispatch_event("#smooth", "input")
+        assert page.evaluate(f"JSON.stringify({loss}.data[1]) === JSON.stringify({loss}.data[2])")
+        page.fill("#smooth", "0.9")
+        page.dispatch_event("#smooth", "input")
+        assert page.evaluate(f"JSON.stringify({loss}.data[1]) !== JSON.stringify({loss}.data[2])")
+
+        # compare: tick both runs
+        for name in ("lr0.002", "lr0.004"):
+            page.check(f"input[data-run='{name}']")
+        page.wait_for_function(f"() => {loss}.series.length === 8", timeout=10_000)  # x, this run 3, 2 each
+        labels = page.evaluate(f"{loss}.series.map(s => s.label)")
+        assert "lr0.004 validation" in labels and "lr0.002 train (smoothed)" in labels
+        row = page.eval_on_selector_all("#run-configs tr[data-key='train.lr'] td", "ts => ts.map(t => t.textContent)")
+        assert row == ["train.lr", "0.002", "0.004"]
+        assert page.locator("#run-configs tr[data-key='train.lr'] td.differs").count() == 2
+        assert page.locator("#run-configs tr[data-key='model.n_layer'] td.differs").count() == 0
+
+        # every row of charts is full at common widths
+        for width in (800, 1280, 1440, 1920, 2560):
+            page.set_viewport_size({"width": width, "height": 1000})
+            tops = page.eval_on_selector_all(".charts .chart", "cs => cs.map(c => Math.round(c.getBoundingClientRect().top))")
+            rows = [tops.count(t) for t in sorted(set(tops))]
+            assert len(set(rows)) == 1 and rows[0] in (1, 2, 4), (width, rows)
+        assert not errors
+    finally:
+        serve.kill()
+        serve.wait(timeout=10)
+
+
+def _open(page, url: str, proc: subprocess.Popen) -> None:
+    """Load ``url`` once the daemon answers."""
+    deadline = time.time() + 60
+    while True:
+        try:
+            page.goto(url)
+            return
+        except Exception:
+            assert time.time() < deadline and proc.poll() is None, "the daemon did not come up"
+            time.sleep(0.5)
 
 
 def test_peer_names_show_as_text(browser, tmp_path, env, corpus):

@@ -19,26 +19,42 @@ function xOf(p) {
   return p.kind === "round" ? p.round : p.step;
 }
 
-function smooth(points, alpha = 0.05) {
-  let m = null;
-  return points.map(([x, y]) => [x, (m = m === null ? y : m + alpha * (y - m))]);
+const charts = {loss: new Chart($("chart-loss")), lr: new Chart($("chart-lr")), grad: new Chart($("chart-grad")),
+                rate: new Chart($("chart-rate"))};
+const compared = new Map();  // run name → its history, for the runs ticked in the list
+
+function series(label, color, points, y, extra = {}) {
+  return {label, color, xs: points.map(xOf), ys: points.map(y), ...extra};
 }
 
 function render() {
+  const weight = Number($("smooth").value);
   const hive = run.step.length === 0 && run.round.length > 0;
-  const train = hive ? run.round.map(p => [xOf(p), p.train_loss]) : run.step.map(p => [xOf(p), p.loss]);
-  const val = run.eval.map(p => [xOf(p), p.val_loss]);  // a hive's are evaluated off the rounds' path, some skipped
+  const trainPoints = hive ? run.round : run.step;
+  const trainY = p => hive ? p.train_loss : p.loss;
   const xLabel = $("xaxis").selectedOptions[0].textContent;
-  drawChart($("chart-loss"), [
-    {name: "train", color: "#5aa9ff", opacity: 0.35, points: train, width: 1},
-    {name: "smoothed", color: "#5aa9ff", points: smooth(train), width: 2},
-    {name: "validation", color: "#f5b83d", points: val, width: 2, dots: true},
-  ], xLabel);
-  drawChart($("chart-lr"), [{color: "#5fd38d", points: run.step.map(p => [xOf(p), p.lr])}], xLabel);
-  drawChart($("chart-grad"), [{color: "#ff6b6b", points: run.step.map(p => [xOf(p), p.grad_norm])}], xLabel);
-  const rate = hive ? run.round.map((p, i) => [xOf(p), i ? (p.tokens - run.round[i - 1].tokens) / (p.time - run.round[i - 1].time) : NaN])
-                    : run.step.map(p => [xOf(p), p.tokens_per_sec]);
-  drawChart($("chart-rate"), [{color: "#c792ea", points: rate}], xLabel);
+  const raw = series("train", COLORS[0], trainPoints, trainY, {alpha: "55", width: 1});
+  const loss = [raw, {...raw, label: "train (smoothed)", alpha: undefined, width: 2, ys: smooth(raw.ys, weight),
+                      counted: false},
+                series("validation", COLORS[1], run.eval, p => p.val_loss, {width: 2, points: true})];
+  let i = 2;
+  for (const [name, h] of compared) {  // other runs, each in a colour of its own
+    const color = COLORS[i++ % COLORS.length];
+    const theirs = series(`${name} train (smoothed)`, color, h.step, p => p.loss, {counted: false});
+    loss.push({...theirs, ys: smooth(theirs.ys, weight)},
+              series(`${name} validation`, color, h.eval, p => p.val_loss, {dash: [6, 4], points: true, counted: false}));
+  }
+  charts.loss.set(loss, xLabel);
+  charts.lr.set([series("learning rate", COLORS[2], run.step, p => p.lr)], xLabel);
+  charts.grad.set([series("gradient norm", COLORS[3], run.step, p => p.grad_norm)], xLabel);
+  const later = run.round.slice(1);  // a hive's rate: tokens between two rounds over the time between them
+  const rateRaw = hive
+    ? {label: "tokens/s", color: COLORS[4], xs: later.map(xOf),
+       ys: later.map((p, k) => (p.tokens - run.round[k].tokens) / (p.time - run.round[k].time))}
+    : series("tokens/s", COLORS[4], run.step, p => p.tokens_per_sec);
+  charts.rate.set([{...rateRaw, alpha: "55", width: 1},
+                   {...rateRaw, label: "tokens/s (smoothed)", ys: smooth(rateRaw.ys, weight), width: 2, counted: false}],
+                  xLabel);
   renderHeader();
 }
 
@@ -197,6 +213,87 @@ async function start() {
   setInterval(refreshStatus, 2000);
 }
 
+// Other runs (`hived serve --runs DIR`): tick one to overlay its curves and see its configuration.
+async function listRuns() {
+  let runs;
+  try {
+    runs = await (await fetch("/api/runs")).json();
+  } catch (e) { return; }
+  if (!runs.length) return;
+  $("runs").hidden = false;
+  const rows = $("run-list");
+  rows.replaceChildren();
+  for (const r of runs) {
+    const tr = document.createElement("tr");
+    const tick = document.createElement("input");
+    tick.type = "checkbox";
+    tick.dataset.run = r.name;
+    tick.addEventListener("change", () => toggleRun(r.name, tick.checked));
+    const first = document.createElement("td");
+    first.appendChild(tick);
+    tr.appendChild(first);
+    for (const v of [r.name, r.step ?? "–", r.best_val === null ? "–" : r.best_val.toFixed(4), formatNumber(r.params)]) {
+      const td = document.createElement("td");
+      td.textContent = v;
+      tr.appendChild(td);
+    }
+    rows.appendChild(tr);
+  }
+}
+
+async function toggleRun(name, on) {
+  if (on) {
+    const history = await (await fetch(`/api/runs/${encodeURIComponent(name)}`)).json();
+    compared.set(name, history);
+  } else {
+    compared.delete(name);
+  }
+  renderConfigs();
+  render();
+}
+
+function flatten(prefix, value, out) {
+  if (value && typeof value === "object" && !Array.isArray(value)) {
+    for (const [k, v] of Object.entries(value)) flatten(prefix ? `${prefix}.${k}` : k, v, out);
+  } else {
+    out[prefix] = Array.isArray(value) ? value.join(", ") : String(value);
+  }
+  return out;
+}
+
+function renderConfigs() {
+  const table = $("run-configs");
+  table.replaceChildren();
+  $("run-configs-box").hidden = compared.size === 0;
+  if (!compared.size) return;
+  const names = [...compared.keys()];
+  const flat = names.map(n => flatten("", {train: compared.get(n).config, model: compared.get(n).model}, {}));
+  const keys = [...new Set(flat.flatMap(Object.keys))].sort();
+  const head = document.createElement("tr");
+  for (const v of ["", ...names]) {
+    const th = document.createElement("th");
+    th.textContent = v;
+    head.appendChild(th);
+  }
+  table.appendChild(head);
+  for (const key of keys) {
+    const values = flat.map(f => f[key] ?? "–");
+    const tr = document.createElement("tr");
+    tr.dataset.key = key;
+    const differs = new Set(values).size > 1;
+    for (const v of [key, ...values]) {
+      const td = document.createElement("td");
+      td.textContent = v;
+      if (differs && v !== key) td.className = "differs";
+      tr.appendChild(td);
+    }
+    table.appendChild(tr);
+  }
+}
+
 $("xaxis").addEventListener("change", render);
-window.addEventListener("resize", schedule);
-start();
+$("smooth").addEventListener("input", () => { $("smooth-value").textContent = Number($("smooth").value).toFixed(2); render(); });
+$("logy").addEventListener("change", () => { charts.loss.logY = $("logy").checked; render(); });
+window.addEventListener("resize", () => Object.values(charts).forEach(c => c.resize()));
+window.hivedCharts = charts;  // for the browser tests: zoom, scales and legends
+start().then(listRuns);
