@@ -543,7 +543,9 @@ class Coordinator:
             self.strikes[peer.key_name] = strikes
         else:
             self.strikes.pop(peer.key_name, None)
-        rnd.compute = max(rnd.compute, m.seconds if math.isfinite(m.seconds) else 0.0)
+        seconds = m.seconds if math.isfinite(m.seconds) and m.seconds > 0 else 0.0
+        rnd.compute = max(rnd.compute, seconds)
+        rnd.compute_sum += seconds
         return status, detail
 
     # ----------------------------------------------------------------- status

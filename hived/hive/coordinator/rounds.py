@@ -34,6 +34,7 @@ class Round:
     broadcast: float = 0.0  # seconds to encode and send weights and work
     aggregate: float = 0.0  # seconds the aggregation thread spent summing updates
     compute: float = 0.0  # the slowest peer's own training time
+    compute_sum: float = 0.0  # every accepted peer's training time: over peers x wall time, the compute utilisation
     apply: float = 0.0  # seconds for the outer step
     closed: float = 0.0
     between: float = 0.0  # seconds from the previous round's close to this one's start
@@ -54,5 +55,6 @@ class Round:
             "peers": len(self.expected), "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "seconds": round(self.closed - self.started, 4), "broadcast": round(self.broadcast, 4),
             "aggregate": round(self.aggregate, 4), "apply": round(self.apply, 4), "compute": round(self.compute, 4),
+            "compute_sum": round(self.compute_sum, 4),
             "between": round(self.between, 4), "time": self.closed,
         }
