@@ -71,7 +71,8 @@ def test_train_then_generate(env, corpus, tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [5, 10]
-    assert {"loss", "lr", "grad_norm", "tokens_per_sec", "elapsed"} <= set(records[0])
+    assert records[0]["kind"] == "start" and records[0]["config"]["steps"] == 10  # what the run is
+    assert {"loss", "lr", "grad_norm", "tokens_per_sec", "elapsed"} <= set(records[1])
     assert [(r["step"], bool(r["text"])) for r in records if r["kind"] == "sample"] == [(5, True), (10, True)]
     assert f"hived serve --checkpoint {run / 'best.pt'}" in proc.stderr  # how to go on chatting with it
     assert checkpoint.load(run / "best.pt")["best_val"] == min(r["val_loss"] for r in evals)
