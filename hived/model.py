@@ -105,13 +105,17 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
+def swiglu_hidden(n_embd: int) -> int:
+    """8/3 d keeps the parameter count of a 4d GELU MLP; rounded up for friendlier matmuls."""
+    return 32 * math.ceil(8 * n_embd / 3 / 32)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
         if self.swiglu:
-            # 8/3 d keeps the parameter count of a 4d GELU MLP; rounded up for friendlier matmuls.
-            hidden = 32 * math.ceil(8 * cfg.n_embd / 3 / 32)
+            hidden = swiglu_hidden(cfg.n_embd)
             self.up = nn.Linear(cfg.n_embd, 2 * hidden, bias=cfg.bias)
         else:
             hidden = 4 * cfg.n_embd

@@ -123,10 +123,10 @@ def test_a_served_export_answers_under_its_folders_name(exported):
 
 
 @pytest.mark.parametrize("options, advice", [
-    ({"norm": "layernorm"}, "norm = 'rmsnorm'"),
-    ({"mlp": "gelu"}, "mlp = 'swiglu'"),
-    ({"pos": "learned"}, "norm = 'layernorm' and mlp = 'gelu'"),
-    ({"pos": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": True}, "qk_norm = False"),
+    ({"norm": "layernorm"}, 'norm = "rmsnorm" (under [model])'),
+    ({"mlp": "gelu"}, 'mlp = "swiglu"'),
+    ({"pos": "learned"}, 'norm = "layernorm" and mlp = "gelu"'),
+    ({"pos": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": True}, "qk_norm = false"),
     ({"qk_norm": True, "bias": True}, "bias = false"),
 ])
 def test_a_model_no_architecture_fits_is_refused_with_the_option_to_change(options, advice):

@@ -9,7 +9,7 @@ names, and loading an export back reads them out again.
 
 from __future__ import annotations
 
-import math
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, ModelConfig
+from ..model import swiglu_hidden
 
 RMS_EPS, LAYERNORM_EPS = 1e-6, 1e-5  # hived's RMSNorm and torch's LayerNorm
 
@@ -47,8 +48,8 @@ def family(cfg: ModelConfig) -> Family:
     if cfg.pos == "rope":
         wrong = [(k, v) for k, v in (("norm", "rmsnorm"), ("mlp", "swiglu")) if getattr(cfg, k) != v]
         if wrong:
-            raise ConfigError(_refusal(wrong, "Llama (pos = 'rope')") + ", or train with pos = 'learned', "
-                              "norm = 'layernorm' and mlp = 'gelu' for GPT-2")
+            raise ConfigError(_refusal(wrong, 'Llama (pos = "rope")') + ', or train with pos = "learned", '
+                              'norm = "layernorm" and mlp = "gelu" for GPT-2')
         if cfg.qk_norm and cfg.bias:
             raise ConfigError("qk_norm with bias = true maps to no Hugging Face architecture (Qwen3 has no MLP "
                               "bias): train with bias = false")
@@ -56,24 +57,20 @@ def family(cfg: ModelConfig) -> Family:
     wrong = [(k, v) for k, v in (("norm", "layernorm"), ("mlp", "gelu"), ("qk_norm", False))
              if getattr(cfg, k) != v]
     if wrong:
-        raise ConfigError(_refusal(wrong, "GPT-2 (pos = 'learned')") + ", or train with pos = 'rope', "
-                          "norm = 'rmsnorm' and mlp = 'swiglu' for Llama")
+        raise ConfigError(_refusal(wrong, 'GPT-2 (pos = "learned")') + ', or train with pos = "rope", '
+                          'norm = "rmsnorm" and mlp = "swiglu" for Llama')
     return _gpt2(cfg)
 
 
 def _refusal(wrong: list[tuple[str, Any]], target: str) -> str:
     return ("this model maps to no Hugging Face architecture: " + target + " needs "
-            + " and ".join(f"{k} = {v!r}" for k, v in wrong))
+            + " and ".join(f"{k} = {json.dumps(v)}" for k, v in wrong) + " (under [model])")
 
 
-def swiglu_hidden(cfg: ModelConfig) -> int:
-    return 32 * math.ceil(8 * cfg.n_embd / 3 / 32)  # as hived.model.MLP
-
-
-def _llama_like(cfg: ModelConfig, prefix_norms: bool) -> tuple[dict[str, Any], list[Slot]]:
+def _llama_like(cfg: ModelConfig, qk_norms: bool) -> tuple[dict[str, Any], list[Slot]]:
     head = cfg.n_embd // cfg.n_head
     config = {
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd, "intermediate_size": swiglu_hidden(cfg),
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd, "intermediate_size": swiglu_hidden(cfg.n_embd),
         "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head,
         "head_dim": head, "hidden_act": "silu", "max_position_embeddings": cfg.block_size,
         "rms_norm_eps": RMS_EPS, "rope_theta": cfg.rope_base,
@@ -93,7 +90,7 @@ def _llama_like(cfg: ModelConfig, prefix_norms: bool) -> tuple[dict[str, Any], l
                       Slot(f"{hf}mlp.gate_proj.{kind}", f"{at}mlp.up.{kind}", (0, 2)),
                       Slot(f"{hf}mlp.up_proj.{kind}", f"{at}mlp.up.{kind}", (1, 2)),
                       Slot(f"{hf}mlp.down_proj.{kind}", f"{at}mlp.down.{kind}")]
-        if prefix_norms:
+        if qk_norms:
             slots += [Slot(hf + "self_attn.q_norm.weight", at + "attn.q_norm.weight"),
                       Slot(hf + "self_attn.k_norm.weight", at + "attn.k_norm.weight")]
     if not cfg.tie_embeddings:
@@ -102,12 +99,12 @@ def _llama_like(cfg: ModelConfig, prefix_norms: bool) -> tuple[dict[str, Any], l
 
 
 def _llama(cfg: ModelConfig) -> Family:
-    config, slots = _llama_like(cfg, prefix_norms=False)
+    config, slots = _llama_like(cfg, qk_norms=False)
     return Family("LlamaForCausalLM", "llama", {**config, "mlp_bias": cfg.bias}, slots)
 
 
 def _qwen3(cfg: ModelConfig) -> Family:
-    config, slots = _llama_like(cfg, prefix_norms=True)
+    config, slots = _llama_like(cfg, qk_norms=True)
     return Family("Qwen3ForCausalLM", "qwen3", {**config, "use_sliding_window": False, "sliding_window": None,
                                                 "max_window_layers": cfg.n_layer}, slots)
 

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
+from ..model import swiglu_hidden
 from ..tokenizer import CharTokenizer, Tokenizer
 from . import readable
-from .architectures import LAYERNORM_EPS, RMS_EPS, family, swiglu_hidden, to_family
+from .architectures import LAYERNORM_EPS, RMS_EPS, family, to_family
 
 QUANTS = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen3": gguf.MODEL_ARCH.QWEN3, "gpt2": gguf.MODEL_ARCH.GPT2}
@@ -72,7 +73,7 @@ def _metadata(writer: gguf.GGUFWriter, cfg: ModelConfig, kind: str, quant: str) 
         writer.add_feed_forward_length(4 * cfg.n_embd)
         writer.add_layer_norm_eps(LAYERNORM_EPS)
         return
-    writer.add_feed_forward_length(swiglu_hidden(cfg))
+    writer.add_feed_forward_length(swiglu_hidden(cfg.n_embd))
     writer.add_head_count_kv(cfg.n_head)
     writer.add_key_length(head)
     writer.add_value_length(head)
