@@ -560,8 +560,7 @@ def serve(role: str, checkpoint: str | None, runs_dir: str | None, state_dir: st
 def _model_state(path: str) -> tuple:
     """The dashboard's state and the chat's model for a finished checkpoint (with the curves of
     its run, when the run's metrics.jsonl sits beside it)."""
-    from . import metrics
-    from .dashboard import RunState
+    from .dashboard import replay
     from .inference import load_state, model_from_state
     from .serving import ModelHost
 
@@ -571,15 +570,11 @@ def _model_state(path: str) -> tuple:
     run_dir = where if where.is_dir() else where.parent  # an exported folder is named for its model
     host = ModelHost(run_dir.name or "hived")
     host.publish(model, tok, Path(path).name, snapshot=True)  # nothing else holds this model
-    state = RunState("model")
-    if (run_dir / "metrics.jsonl").exists():
-        for record in metrics.read(run_dir):
-            state(record.pop("kind", "step"), record)
+    state = replay(run_dir)
     # after the run's records, whose start would say where the run began rather than where this model is
     state.info.update({"checkpoint": str(path), "step": saved.get("step"),
                        "steps": (saved.get("train_config") or {}).get("steps"), "model": saved.get("model_config"),
                        "config": saved.get("train_config"), "params": model.num_params()})
-    state.set_state("serving")
     return state, host
 
 

@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -127,6 +128,17 @@ class RunState:
         """Let every open event stream finish, so shutting down does not wait on browser tabs."""
         for queue in list(self._streams):
             queue.put_nowait(None)
+
+
+def replay(folder: Path, role: str = "model") -> RunState:
+    """A finished run's history, read from the ``metrics.jsonl`` in ``folder`` (if there is one)."""
+    from . import metrics
+
+    state = RunState(role)
+    if (folder / "metrics.jsonl").exists():
+        for record in metrics.read(folder):
+            state(record.pop("kind", "step"), record)
+    return state
 
 
 def _plain(data: dict[str, Any]) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
-from . import checkpoint, metrics
-from .dashboard import RunState
+from . import checkpoint
+from .dashboard import replay
 
 RUNS_DIR = web.AppKey("runs_dir", Path)
 
@@ -25,9 +25,7 @@ def runs(root: Path) -> list[Path]:
 
 def history(folder: Path) -> dict[str, Any]:
     """One run's curves, samples and configuration."""
-    state = RunState("model")
-    for record in metrics.read(folder):
-        state(record.pop("kind", "step"), record)
+    state = replay(folder)
     info = state.info
     if "config" not in info:  # metrics written before they kept the run's start
         saved = next((p for p in (folder / n for n in ("latest.pt", "final.pt", "best.pt")) if p.is_file()), None)
