@@ -16,6 +16,8 @@ import click
 from .checkpoint import CheckpointError
 from .config import ConfigError, ModelConfig, TrainConfig, load_preset, preset_names
 from .data import DataError, build_tokenizer, discover, texts
+from .export import FORMATS as EXPORT_FORMATS
+from .export import QUANTS
 from .logs import FORMATS, configure
 from .hive.coordinator.limits import HELP as LIMITS_HELP
 from .hive.coordinator.limits import Limits
@@ -309,10 +311,10 @@ def cluster(config_file: str | None, workers: str, cpus_per_worker: float, gpus_
 
 @main.command()
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="a .pt file of a run")
-@click.option("--format", "fmt", type=click.Choice(["hf", "gguf"]), required=True,
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True,
               help="hf: a Hugging Face folder (transformers); gguf: one file for llama.cpp, Ollama, LM Studio")
 @click.option("--out", required=True, type=click.Path(), help="the folder (hf) or file (gguf) to write")
-@click.option("--quant", type=click.Choice(["f16", "q8_0"]), default="f16", show_default=True,
+@click.option("--quant", type=click.Choice(QUANTS), default="f16", show_default=True,
               help="GGUF only: the weights' type (q8_0: about half the size)")
 @user_errors
 def export(checkpoint: str, fmt: str, out: str, quant: str) -> None:

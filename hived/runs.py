@@ -38,7 +38,7 @@ def history(folder: Path) -> dict[str, Any]:
     evals = [p["val_loss"] for p in state.points["eval"]]
     steps = state.points["step"]
     return {**state.history(), "config": info.get("config"), "model": info.get("model"), "params": info.get("params"),
-            "step": steps, "last_step": steps[-1]["step"] if steps else None,
+            "last_step": steps[-1]["step"] if steps else None,
             "best_val": min(evals) if evals else None}
 
 

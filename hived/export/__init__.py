@@ -11,6 +11,7 @@ from ..config import ModelConfig, build
 from ..tokenizer import from_json
 
 FORMATS = ("hf", "gguf")
+QUANTS = ("f16", "q8_0")  # GGUF weight types
 
 
 def export(path: str | Path, fmt: str, out: str | Path, quant: str = "f16") -> str:

@@ -24,7 +24,7 @@ from ..tokenizer import CharTokenizer, Tokenizer
 from . import readable
 from .architectures import LAYERNORM_EPS, RMS_EPS, family, to_family
 
-QUANTS = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}  # for QUANTS
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen3": gguf.MODEL_ARCH.QWEN3, "gpt2": gguf.MODEL_ARCH.GPT2}
 
 
@@ -68,7 +68,7 @@ def _metadata(writer: gguf.GGUFWriter, cfg: ModelConfig, kind: str, quant: str) 
     writer.add_embedding_length(cfg.n_embd)
     writer.add_block_count(cfg.n_layer)
     writer.add_head_count(cfg.n_head)
-    writer.add_file_type(QUANTS[quant])
+    writer.add_file_type(FILE_TYPES[quant])
     if kind == "gpt2":
         writer.add_feed_forward_length(4 * cfg.n_embd)
         writer.add_layer_norm_eps(LAYERNORM_EPS)
