@@ -476,6 +476,14 @@ STATE_DIR = _state_dir(required=True)
               help="weight frames being sent at once, to all peers together (bounds memory likewise)")
 @click.option("--send-timeout", type=float, default=30.0, show_default=True,
               help="seconds a peer has to take each part (about 1 MiB) of the weights before it is dropped")
+@click.option("--overlap", is_flag=True,
+              help="diloco: peers train the next round while their update and the new weights travel (one round "
+                   "of delay in the outer update, as Streaming DiLoCo)")
+@click.option("--work-by-speed", is_flag=True,
+              help="diloco: give each peer as many inner steps as it takes in the time the fastest takes for all, "
+                   "so a slow peer does not set the pace; updates count by their tokens")
+@click.option("--resume-timeout", type=float, default=60.0, show_default=True,
+              help="seconds an upload cut off mid-way is kept for its peer to reconnect and finish (0: never)")
 @click.option("--aggregator", type=click.Choice(["mean", "trimmed-mean", "centered-clip"]), default="mean",
               show_default=True, help="how updates are combined: robust ones bound what a dishonest peer can do")
 @click.option("--max-update-ratio", type=float, default=1.0, show_default=True,
@@ -588,6 +596,9 @@ def _model_state(path: str) -> tuple:
 @click.option("--name", default=None, help="how the coordinator lists you (default: this host's name)")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--max-rounds", type=int, default=0, help="leave cleanly after N rounds (0: never)")
+@click.option("--slowdown", type=click.FloatRange(min=1.0), default=1.0, hidden=True,
+              help="take this many times as long over each step (resting between them): a slow volunteer, "
+                   "to try --work-by-speed on one machine")
 @click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True),
               help="trust this certificate for wss:// (a coordinator's self-signed one)")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
@@ -596,7 +607,7 @@ def _model_state(path: str) -> tuple:
 @THREADS
 @LOG_FORMAT
 @config_option(model_table=False)
-def join(url: str | None, key: str | None, key_file, name: str | None, device: str, max_rounds: int,
+def join(url: str | None, key: str | None, key_file, name: str | None, device: str, max_rounds: int, slowdown: float,
          tls_ca: str | None, metrics_port: int | None, metrics_host: str, threads: int | None, log_format: str,
          config_file: str | None) -> None:
     """Join a hive: train the coordinator's model with this machine. URL is the coordinator's
@@ -616,7 +627,11 @@ def join(url: str | None, key: str | None, key_file, name: str | None, device: s
         raise click.UsageError("a key is needed: --key, --key-file or HIVED_KEY")
     if not url or not url.startswith(("ws://", "wss://")):
         raise click.BadParameter("the coordinator's URL starts with ws:// or wss://", param_hint="URL")
-    peer = HivePeer(PeerOptions(url, key, name or platform.node() or "peer", device, max_rounds, ca_file=tls_ca))
+    from .device import pick_device
+    from .hive.worker import TrainerWorker
+
+    peer = HivePeer(PeerOptions(url, key, name or platform.node() or "peer", device, max_rounds, ca_file=tls_ca),
+                    TrainerWorker(pick_device(device), slowdown))
 
     async def run_peer() -> int:
         if metrics_port is None:

@@ -50,7 +50,7 @@ def broadcast_weights(worker: TrainerWorker) -> None:
     with torch.no_grad():
         for p in params.values():
             dist.broadcast(p.data, 0)
-    worker.loaded = set(params)
+    worker.loaded = True
 
 
 class Leader:
@@ -70,6 +70,9 @@ class Leader:
 
     def load(self, weights: Weights) -> None:
         self.worker.load(weights)
+
+    def trains_ahead(self) -> bool:
+        return False  # the other ranks take the weights at the start of each round's work, not between steps
 
     def work(self, work: Work) -> tuple[Update, Tensors]:
         share(encode(work), self.group)

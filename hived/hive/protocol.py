@@ -27,7 +27,7 @@ import zstandard
 
 from .compression import MalformedTensor, pack, packed_nbytes
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_FRAME_BYTES = 64 << 20  # compressed, as received
 MAX_MESSAGE_BYTES = 256 << 20  # after decompression
 MAX_HELLO_BYTES = 16 << 10  # a frame before login, compressed or not: a Hello is a few hundred bytes
@@ -158,12 +158,21 @@ class Ack:
 
 
 @dataclass
+class Resume:
+    """Coordinator → peer, after a Welcome: the parts of your update for ``round`` that arrived
+    before the connection dropped (``have[i]`` is 1 for part ``i``); send only the others."""
+
+    round: int
+    have: bytes
+
+
+@dataclass
 class Bye:
     reason: str = ""
 
 
 MESSAGES: dict[str, type] = {cls.__name__: cls for cls in (Hello, Welcome, Refused, Weights, Work, Training, Ready, Go,
-                                                            Update, Ack, Bye)}
+                                                            Update, Ack, Resume, Bye)}
 _FIELD_TYPES = {"int": int, "str": str, "bool": bool, "dict": dict, "bytes": bytes, "float": (float, int)}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from typing import Protocol
 
@@ -36,24 +37,49 @@ class Worker(Protocol):
         (a reconnection to the same hive: the inner optimizer state is kept)."""
 
     def load(self, weights: Weights) -> None:
-        """Copy one part of the round's weights into the model (parts arrive in order)."""
+        """Take in one part of the round's weights (parts arrive in order); with the last, the
+        model moves to them, keeping whatever it trained since that round's start."""
 
     def work(self, work: Work) -> tuple[Update, Tensors]:
         """Train on the round's windows from the weights just loaded; the update's header (its
         tokens: 0 for a skipped step, which then weighs nothing) and its tensors."""
 
+    def trains_ahead(self) -> bool:
+        """Whether it may start a round before that round's weights arrive (``--overlap``): it
+        folds them in between steps when they do."""
+
 
 class TrainerWorker:
-    """A worker that trains with the same Trainer as `hived train`, on one device."""
+    """A worker that trains with the same Trainer as `hived train`, on one device.
+
+    Weights are folded in rather than copied, so a round can start before its weights arrive
+    (the one-round-delayed outer update of Streaming DiLoCo): the model keeps the weights each
+    round started from (``bases``), and when the weights of round ``j`` arrive, the progress
+    made since round ``j`` began moves onto them (model += new - base[j]). A round's update,
+    base minus end, is the same whether a fold came in the middle or not, since both move by the
+    same amount. When round ``j`` has not begun, the weights are simply copied: without
+    ``--overlap`` that is every round, exactly as before. Folds happen between steps, on the
+    training thread, or at once when it is idle.
+    """
 
     replicas = 1
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, slowdown: float = 1.0):
         self.device = device
+        self.slowdown = slowdown  # each step takes this many times as long (a slow volunteer, on one machine)
         self.trainer: Trainer | None = None
         self.mode = "diloco"  # set from the coordinator's Welcome
         self.identity: str | None = None  # what the trainer was built for
-        self.loaded: set[str] = set()  # the parameters loaded from this round's weights
+        self.incoming: Tensors = {}  # the weights of a round, as their parts arrive
+        self.loaded = False  # the model has had a whole set of weights from this hive
+        self.lock = threading.Lock()  # the model, the bases and ``pending`` between the two threads
+        self.training = False
+        self.bases: dict[int, Tensors] = {}  # round → the weights it started from, moved with every fold
+        self.pending: tuple[int, Tensors] | None = None  # weights that arrived during a step
+        self.folded_ahead = 0  # rounds whose weights arrived after their training had begun (--overlap at work)
+
+    def trains_ahead(self) -> bool:
+        return self.mode == "diloco"
 
     def setup(self, welcome: Welcome) -> bool:
         identity = json.dumps([welcome.model_config, welcome.train_config, welcome.tokenizer, welcome.mode,
@@ -63,26 +89,55 @@ class TrainerWorker:
         cfg = build(TrainConfig, {**welcome.train_config, "device": str(self.device)}, "coordinator config")
         model_cfg = build(ModelConfig, welcome.model_config, "coordinator model")
         tok = from_json(welcome.tokenizer)
-        self.trainer = Trainer(model_cfg, cfg, Windows(np.zeros((1, model_cfg.block_size + 1), np.int64), 0), tok)
-        self.mode = welcome.mode
-        self.identity = identity
+        with self.lock:
+            self.trainer = Trainer(model_cfg, cfg, Windows(np.zeros((1, model_cfg.block_size + 1), np.int64), 0), tok)
+            self.mode = welcome.mode
+            self.identity = identity
+            self.loaded, self.bases, self.pending, self.incoming = False, {}, None, {}
         log.info("joined: %s mode, %s updates, %s parameters on %s", welcome.mode, welcome.compression,
                  f"{self.trainer.model.num_params():,}", self.device)
         return True
 
     def load(self, weights: Weights) -> None:
-        """Converting from the precision the weights travelled in as it goes (in a thread; the
-        model is idle between rounds)."""
+        """Parts are converted from the precision they travelled in as they arrive (in a thread,
+        while the next ones are received)."""
         params = dict(self.trainer.model.named_parameters())
         if weights.part == 0:
-            self.loaded.clear()
+            self.incoming = {}
+        for name, d in weights.tensors.items():
+            t = unpack(d)
+            if name not in params or t.shape != params[name].shape:
+                raise ProtocolError(f"weights do not match the model ({name})")
+            self.incoming[name] = t.to(params[name].device, params[name].dtype, copy=True)
+        if weights.part == weights.parts - 1:
+            if self.incoming.keys() != params.keys():
+                raise ProtocolError("the weights do not cover the whole model")
+            with self.lock:
+                self.pending, self.incoming = (weights.round, self.incoming), {}
+                if not self.training:
+                    self._fold()
+
+    def _fold(self) -> None:
+        """Move the model onto the pending weights (the lock held)."""
+        if self.pending is None:
+            return
+        round_, new = self.pending
+        self.pending = None
+        params = dict(self.trainer.model.named_parameters())
+        base = self.bases.get(round_)
         with torch.no_grad():
-            for name, d in weights.tensors.items():
-                t = unpack(d)
-                if name not in params or t.shape != params[name].shape:
-                    raise ProtocolError(f"weights do not match the model ({name})")
-                params[name].copy_(t)
-                self.loaded.add(name)
+            for name, p in params.items():
+                if base is None:  # nothing trained from this round's start: the model is these weights
+                    p.copy_(new[name])
+                    continue
+                shift = new[name].sub_(base[name])
+                p.add_(shift)
+                for r, b in self.bases.items():
+                    if r >= round_:
+                        b[name].add_(shift)
+        self.bases = {r: b for r, b in self.bases.items() if r > round_}  # a round still training holds its own
+        self.loaded = True
+        self.folded_ahead += base is not None
 
     def work(self, work: Work) -> tuple[Update, Tensors]:
         """``seconds`` in the header is the training alone, so the coordinator can tell round
@@ -90,7 +145,7 @@ class TrainerWorker:
         t0 = time.perf_counter()
         trainer = self.trainer
         params = dict(trainer.model.named_parameters())
-        if self.loaded != set(params):
+        if not self.loaded:
             raise ProtocolError("work arrived before the whole model")
         rows = np.frombuffer(work.windows, dtype=np.dtype(work.dtype)).reshape(work.count, -1)
         if rows.shape[1] != trainer.model_cfg.block_size + 1:
@@ -99,9 +154,25 @@ class TrainerWorker:
         trainer.cursor = work.start
         trainer.step = work.first_step  # the coordinator drives the learning-rate schedule
         if self.mode == "diloco":
-            start = {k: p.detach().clone() for k, p in params.items()}
-            losses = [trainer.train_step()["loss"] for _ in range(work.steps)]
-            delta = {k: start[k].sub_(p.detach()) for k, p in params.items()}  # start minus end, in place
+            with self.lock:
+                self.training = True
+                # The weights of the rounds before this one came ahead of its work: their bases are done with.
+                self.bases = {r: b for r, b in self.bases.items() if r > work.round}
+                start = self.bases[work.round] = {k: p.detach().clone() for k, p in params.items()}
+            try:
+                losses = []
+                for _ in range(work.steps):
+                    with self.lock:
+                        self._fold()
+                    t = time.perf_counter()
+                    losses.append(trainer.train_step()["loss"])
+                    if self.slowdown > 1:
+                        time.sleep((self.slowdown - 1) * (time.perf_counter() - t))
+            finally:
+                with self.lock:
+                    self.training = False
+                    delta = {k: start[k] - p.detach() for k, p in params.items()}  # moved by any fold alike
+                    self._fold()
             loss = sum(losses) / len(losses)
         else:
             delta, loss = trainer.gradients()

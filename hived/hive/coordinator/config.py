@@ -25,6 +25,9 @@ class HiveConfig:
     upload_slots: int = 4  # updates received at once: bounds memory whatever the number of peers
     send_slots: int = 16  # weight frames being sent at once, likewise
     send_timeout: float = 30.0  # seconds a peer has to take each frame (about 1 MiB) of the weights
+    overlap: bool = False  # peers get each round's work a round ahead and train on while updates travel
+    work_by_speed: bool = False  # inner steps sized to each peer's measured speed, so all report together
+    resume_timeout: float = 60.0  # seconds a partial upload waits for its peer to reconnect (0: never)
 
     def __post_init__(self) -> None:
         if self.mode not in ("diloco", "sync"):
@@ -36,6 +39,10 @@ class HiveConfig:
         if min(self.inner_steps, self.min_peers, self.upload_slots, self.send_slots, self.max_strikes) < 1:
             raise ConfigError("--inner-steps, --min-peers, --upload-slots, --send-slots and --max-strikes must be "
                               "at least 1")
+        if (self.overlap or self.work_by_speed) and self.mode != "diloco":
+            raise ConfigError("--overlap and --work-by-speed need --mode diloco (a sync round is one step)")
+        if self.resume_timeout < 0:
+            raise ConfigError("--resume-timeout cannot be negative")
         if self.round_timeout <= 0 or self.send_timeout <= 0 or self.max_update_ratio <= 0 or self.clip_factor <= 1:
             raise ConfigError("--round-timeout, --send-timeout and --max-update-ratio must be positive, "
                               "--clip-factor above 1")

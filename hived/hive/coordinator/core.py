@@ -39,7 +39,7 @@ from ...trainer import build_trainer
 from ..aggregation import STRATEGIES, UpdateGuard, model_norm
 from ..compression import unpack
 from ..keys import KeyStore
-from ..protocol import (BAD_INPUT, Ack, Bye, Go, ProtocolError, Ready, Training, Update, Weights,
+from ..protocol import (BAD_INPUT, Ack, Bye, Go, ProtocolError, Ready, Resume, Training, Update, Weights,
                         Welcome, Work, clean_text, encode, packed_ahead, tensor_frames)
 from . import state as disk
 from .config import HiveConfig
@@ -47,9 +47,9 @@ from .deadlines import watch
 from .evaluation import Evaluator
 from .limits import Limits
 from .outer import OuterOptimizer
-from .rounds import Round
+from .rounds import Assignment, Round
 from .sessions import LoginLimiter, PeerSession, admit, refuse
-from .uploads import Part, Upload, declared_shape, decode_frame
+from .uploads import Held, Part, Upload, declared_shape, decode_frame
 
 log = logging.getLogger("hived.coordinator")
 
@@ -92,6 +92,8 @@ class Coordinator:
         self.bytes_out = 0
         self.peers: dict[str, PeerSession] = {}
         self.current: Round | None = None
+        self.ahead: dict[str, Assignment] = {}  # peer id → its work for the next round (--overlap), already sent
+        self.held: dict[str, Held] = {}  # participant → its upload cut off this round, awaiting a reconnection
         self.changed = asyncio.Event()
         self.sending = asyncio.Semaphore(hive.send_slots)
         self.aggregating = ThreadPoolExecutor(1, thread_name_prefix="hived-aggregate")  # aggregator calls, in order
@@ -178,12 +180,25 @@ class Coordinator:
         cfg.update(data=[], out="", resume=False, device="auto", cache_dir="", compile=False)
         return cfg
 
-    def _work(self, rnd: int, start: int, count: int, go: bool) -> Work:
+    def _work(self, a: Assignment) -> Work:
         data = self.trainer.data
-        rows = data.train[data.offsets(start, count)[:, None] + np.arange(data.block_size + 1)]
+        rows = data.train[data.offsets(a.start, a.count)[:, None] + np.arange(data.block_size + 1)]
+        return Work(round=a.round, start=a.start, count=a.count, dtype=rows.dtype.name, windows=rows.tobytes(),
+                    steps=a.steps, first_step=a.round * self.hive.steps_per_round, go=a.go)
+
+    def _assign(self, peer: PeerSession, round_: int, peers: list[PeerSession], go: bool) -> Assignment:
+        """The next windows for ``peer``: a share per replica for each of its inner steps. With
+        --work-by-speed a peer does as many steps as it takes in the time the fastest of ``peers``
+        takes for all of them (by their measured step times), so they all report together."""
         steps = self.hive.steps_per_round
-        return Work(round=rnd, start=start, count=count, dtype=rows.dtype.name, windows=rows.tobytes(),
-                    steps=steps, first_step=rnd * steps, go=go)
+        known = [p.step_seconds for p in peers if p.step_seconds]
+        if self.hive.work_by_speed and peer.step_seconds and known:
+            share = min(known) / peer.step_seconds
+            steps = steps if share > 0.9 else max(1, round(steps * share))  # near the fastest: no noise
+        cfg = self.run.train
+        a = Assignment(round_, self.cursor, cfg.batch_size * cfg.grad_accum * steps * peer.replicas, steps, go)
+        self.cursor += a.count
+        return a
 
     async def run_rounds(self) -> None:
         """Rounds back to back. Each applied round is checkpointed in the background and
@@ -195,7 +210,8 @@ class Coordinator:
             # in the order of their keys, so that who trains on which windows does not depend on
             # who connected first: a hive with the same peers is reproducible
             connected = sorted((p for p in self.peers.values() if not p.ws.closed), key=lambda p: p.participant)
-            ready = [p for p in connected if self.sitting_out.get(p.key_name, 0) <= self.round]
+            # (and those already holding this round's work, sent a round ahead)
+            ready = [p for p in connected if self.sitting_out.get(p.key_name, 0) <= self.round or p.id in self.ahead]
             if len(ready) < max(1, self.hive.min_peers):
                 ready = connected  # too few without those sitting out: slow rounds beat none
             if len(ready) < max(1, self.hive.min_peers):
@@ -230,18 +246,30 @@ class Coordinator:
         self.unsaved.clear()
 
     async def _run_round(self, peers: list[PeerSession]) -> Round:
-        cfg = self.run.train
-        share = cfg.batch_size * cfg.grad_accum * self.hive.steps_per_round
-        counts = {p.id: share * p.replicas for p in peers}  # windows each (a cluster's workers take a share each)
+        """Send the weights and work, then wait for the updates. With --overlap each peer also
+        gets the next round's work now, so it trains on while its update and the next weights
+        travel; a peer that already holds this round's work (sent last round) is not sent it again."""
+        # With a slot for every peer, each may upload as soon as it is done: no Ready/Go round trip.
+        go = len(peers) <= self.hive.upload_slots
+        work: dict[str, tuple[Assignment, bool]] = {}  # peer id → its assignment, and whether it still needs sending
+        for p in peers:
+            given = self.ahead.get(p.id)
+            work[p.id] = ((given, False) if given is not None and given.round == self.round
+                          else (self._assign(p, self.round, peers, go), True))
+        self.ahead = {}  # what a peer gone since was sent is skipped, like any vanished peer's windows
+        last = self.hive.rounds and self.round + 1 >= self.hive.rounds
+        nxt = {p.id: self._assign(p, self.round + 1, peers, go) for p in peers} if self.hive.overlap and not last else {}
         block = self.trainer.model_cfg.block_size
-        rnd = Round(self.round, {p.id for p in peers}, {i: n * block for i, n in counts.items()},
+        cfg = self.run.train
+        rnd = Round(self.round, {p.id for p in peers}, {i: a.count * block for i, (a, _) in work.items()},
+                    {i: a.steps for i, (a, _) in work.items()},
+                    cfg.batch_size * cfg.grad_accum * self.hive.steps_per_round * block,
                     self.strategy.round(), model_norm=model_norm(self.params))
+        # Granted before the weights go out: a peer that trained ahead sends its update as soon as
+        # the last part of the weights has told it the round is open.
+        rnd.uploading.update(i for i, (a, _) in work.items() if a.go)
         rnd.between = rnd.started - self.last_closed if self.last_closed else 0.0
         self.current = rnd
-        starts = {}  # disjoint windows each
-        for p in peers:
-            starts[p.id] = self.cursor
-            self.cursor += counts[p.id]
         # The weights are packed a few parts ahead of the first peer that needs them; every peer
         # gets the same frames, so the model is packed once a round whatever the number of peers.
         parts = packed_ahead(tensor_frames(Weights(self.round, 0, 0), {k: p.data for k, p in self.params.items()},
@@ -255,9 +283,6 @@ class Coordinator:
                     frames.append(f)
             return frames[i] if i < len(frames) else None
 
-        # With a slot for every peer, each may upload as soon as it is done: no Ready/Go round trip.
-        go = len(peers) <= self.hive.upload_slots
-
         async def send(peer: PeerSession) -> None:
             try:
                 i = 0
@@ -266,11 +291,13 @@ class Coordinator:
                         await asyncio.wait_for(peer.ws.send_bytes(f), self.hive.send_timeout)
                     rnd.bytes_out += len(f)
                     i += 1
-                if go:
-                    rnd.uploading.add(peer.id)
-                work = encode(self._work(rnd.number, starts[peer.id], counts[peer.id], go))
-                await asyncio.wait_for(peer.ws.send_bytes(work), self.hive.send_timeout)
-                rnd.bytes_out += len(work)
+                mine, unsent = work[peer.id]
+                for a in ([mine] if unsent else []) + ([nxt[peer.id]] if peer.id in nxt else []):
+                    message = encode(self._work(a))
+                    await asyncio.wait_for(peer.ws.send_bytes(message), self.hive.send_timeout)
+                    rnd.bytes_out += len(message)
+                if peer.id in nxt:
+                    self.ahead[peer.id] = nxt[peer.id]
                 peer.state, peer.sent_at = "working", time.time()
             except asyncio.TimeoutError:
                 log.warning("dropping peer %s: it took no part of the weights in %g s (--send-timeout)",
@@ -284,9 +311,11 @@ class Coordinator:
         rnd.broadcast = time.time() - rnd.started
         deadline = rnd.started + self.hive.round_timeout
         while True:
+            soonest = await self._expire_held(rnd)
             waiting = {i for i in rnd.expected - rnd.reported if i in self.peers and not self.peers[i].ws.closed}
             if not waiting - rnd.training:  # the weights are out and loaded: evaluate while peers train
                 self.evaluator.start()
+            waiting |= {h.peer_id for h in self.held.values()} & (rnd.expected - rnd.reported)
             if not waiting:
                 break
             left = deadline - time.time()
@@ -295,12 +324,14 @@ class Coordinator:
                 break
             self.changed.clear()
             try:
-                await asyncio.wait_for(self.changed.wait(), timeout=max(left, 1.0))
+                await asyncio.wait_for(self.changed.wait(), timeout=max(min(left, soonest), 1.0))
             except asyncio.TimeoutError:
                 pass
         self.current = None
+        self.held.clear()  # the round's sum drops what never arrived whole
         rnd.closed = self.last_closed = time.time()
         for pid in rnd.expected - rnd.reported:
+            self.ahead.pop(pid, None)  # a peer that missed the round sits out the next, whatever it was sent
             peer = self.peers.get(pid)
             if peer is not None and not peer.ws.closed:  # it was there, and let the round time out
                 missed = self.misses[peer.key_name] = self.misses.get(peer.key_name, 0) + 1
@@ -341,6 +372,7 @@ class Coordinator:
 
         if ws.can_prepare(request).ok:
             watch(request, self.limits.message_timeout, expired)
+        broken = False
         await ws.prepare(request)
         peer = await admit(ws, request.remote or "?", self.limiter, self.keys, self.peers.values(), self.limits)
         if peer is None:
@@ -353,6 +385,8 @@ class Coordinator:
             await ws.send_bytes(encode(Welcome(
                 peer.id, self.hive.mode, self.hive.compression, dataclasses.asdict(self.trainer.model_cfg),
                 self._peer_train_config(), self.trainer.tokenizer.to_json(), self.round)))
+            if (resume := self._resume(peer)) is not None:
+                await ws.send_bytes(encode(resume))
             self.changed.set()
             loop = asyncio.get_running_loop()
             async for msg in ws:
@@ -380,15 +414,60 @@ class Coordinator:
                     raise ProtocolError(f"unexpected {type(m).__name__}")
         except BAD_INPUT as exc:
             log.warning("closing peer %s: %s", peer.name, exc)
+            broken = True
             await ws.close(code=1002, message=str(exc).encode()[:120])
         finally:
             self.peers.pop(peer.id, None)
-            if self.current is not None:
-                self.current.uploading.discard(peer.id)
-                await self._grant(self.current)
+            self.ahead.pop(peer.id, None)
+            rnd, up = self.current, peer.upload
+            # An upload the connection cut off is kept for a while; one that broke the protocol is not.
+            if (rnd is not None and up is not None and up.rnd is rnd and up.summing and peer.id in rnd.uploading
+                    and self.hive.resume_timeout > 0 and not broken):
+                self.held[peer.participant] = Held(peer.id, up, time.time() + self.hive.resume_timeout)
+                log.info("round %d: keeping the %d of %d parts %s sent, for %g s (--resume-timeout)",
+                         rnd.number + 1, len(up.seen), up.parts, peer.name, self.hive.resume_timeout)
+            elif rnd is not None:
+                if up is not None and up.rnd is rnd:
+                    self._aggregate(rnd, rnd.agg.discard, peer.participant)
+                rnd.uploading.discard(peer.id)
+                await self._grant(rnd)
             self.changed.set()
             log.info("peer %s left", peer.name)
         return ws
+
+    def _resume(self, peer: PeerSession) -> Resume | None:
+        """A reconnected participant takes over its cut-off upload, if the round still waits for
+        it: the new session stands in for the old one in the round, and is told what arrived."""
+        held = self.held.pop(peer.participant, None)
+        rnd = self.current
+        if held is None or rnd is None or held.upload.rnd is not rnd:
+            return None
+        old = held.peer_id
+        for ids in (rnd.expected, rnd.uploading, rnd.training):
+            if old in ids:
+                ids.discard(old)
+                ids.add(peer.id)
+        rnd.assigned[peer.id] = rnd.assigned.pop(old)
+        rnd.steps[peer.id] = rnd.steps.pop(old)
+        peer.upload, peer.sent_at, peer.state = held.upload, time.time(), "working"
+        log.info("round %d: %s resumes its upload (%d of %d parts arrived)", rnd.number + 1, peer.name,
+                 len(held.upload.seen), held.upload.parts)
+        return Resume(rnd.number, held.have())
+
+    async def _expire_held(self, rnd: Round) -> float:
+        """Give up on cut-off uploads whose peer did not come back in time (their parts come out
+        of the sum, their slot is freed); the seconds until the next one expires."""
+        now, soonest = time.time(), math.inf
+        for participant, held in list(self.held.items()):
+            if held.until > now:
+                soonest = min(soonest, held.until - now)
+                continue
+            del self.held[participant]
+            log.info("round %d: %s did not come back to finish its upload", rnd.number + 1, participant)
+            self._aggregate(rnd, rnd.agg.discard, participant)
+            rnd.uploading.discard(held.peer_id)
+            await self._grant(rnd)
+        return soonest
 
     async def _ready(self, peer: PeerSession, m: Ready) -> None:
         rnd = self.current
@@ -483,9 +562,9 @@ class Coordinator:
         if up.rnd is not None and up.summing:
             if (up.rnd is rnd and not up.foreign
                     and self.guard.admissible(math.sqrt(up.squared_norm), rnd.model_norm)):
-                # Weighted by the share of its work it did: 1.0 for a whole round's, so one peer's
+                # Weighted by the tokens behind it: 1.0 for one whole share of work, so one peer's
                 # update passes through the mean exactly, and equal peers' by powers of two.
-                up.adding = self._aggregate(rnd, rnd.agg.add, peer.participant, part, up.tokens / rnd.assigned[peer.id])
+                up.adding = self._aggregate(rnd, rnd.agg.add, peer.participant, part, up.tokens / rnd.nominal)
             else:  # it can no longer be accepted (or its round closed): what was added comes out
                 up.summing = False
                 self._aggregate(up.rnd, up.rnd.agg.discard, peer.participant)
@@ -544,6 +623,10 @@ class Coordinator:
         else:
             self.strikes.pop(peer.key_name, None)
         seconds = m.seconds if math.isfinite(m.seconds) and m.seconds > 0 else 0.0
+        if seconds and up.tokens == rnd.assigned[peer.id]:  # a whole round's work: its speed
+            step = seconds / rnd.steps[peer.id]
+            # mostly the latest round's: the first round's steps carry its warm-up
+            peer.step_seconds = step if not peer.step_seconds else 0.3 * peer.step_seconds + 0.7 * step
         rnd.compute = max(rnd.compute, seconds)
         rnd.compute_sum += seconds
         return status, detail

@@ -12,10 +12,23 @@ from .sessions import PeerSession
 
 
 @dataclass
+class Assignment:
+    """The work one peer is given for one round: which windows, and how many inner steps."""
+
+    round: int
+    start: int
+    count: int  # windows
+    steps: int
+    go: bool  # it may upload as soon as it is done (a slot for every peer), without Ready and Go
+
+
+@dataclass
 class Round:
     number: int
     expected: set[str]
     assigned: dict[str, int]  # peer id → tokens of work
+    steps: dict[str, int]  # peer id → inner steps it was given (its speed is measured by them)
+    nominal: int  # tokens of one whole share of work: an update's weight is its tokens over this
     agg: Aggregator
     model_norm: float = 0.0
     started: float = field(default_factory=time.time)

@@ -62,6 +62,7 @@ class PeerSession:
     rounds: int = 0
     tokens: int = 0
     tokens_per_sec: float = 0.0
+    step_seconds: float = 0.0  # its compute time per inner step, averaged over rounds (0: not measured yet)
     upload: Upload | None = None  # the update being received, part by part
     sent_at: float = 0.0
     transport: asyncio.BaseTransport | None = None  # to drop a peer that no longer reads at once

@@ -37,6 +37,19 @@ class Upload:
     adding: asyncio.Future | None = None  # the last part's add, not yet done
 
 
+@dataclass
+class Held:
+    """An upload cut off by its connection, kept (its parts are already in the round's sum) for
+    its participant to finish after reconnecting, until ``until``."""
+
+    peer_id: str  # the session it came from, as the round knows it
+    upload: Upload
+    until: float
+
+    def have(self) -> bytes:
+        return bytes(i in self.upload.seen for i in range(self.upload.parts))
+
+
 Part = list[tuple[str, torch.Tensor, Any]]  # (name, tensor as received, its packed form)
 
 
