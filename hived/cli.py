@@ -21,6 +21,7 @@ from .export import QUANTS
 from .logs import FORMATS, configure
 from .hive.coordinator.limits import HELP as LIMITS_HELP
 from .hive.coordinator.limits import Limits
+from .hive.compression import COMPRESSIONS
 from .server import HTTP_HELP, HttpLimits
 from .settings import MODEL_TABLE, config_option, from_environment
 from .tokenizer import TokenizerError
@@ -463,8 +464,9 @@ STATE_DIR = _state_dir(required=True)
 @click.option("--port", type=int, default=8765, show_default=True)
 @click.option("--mode", type=click.Choice(["diloco", "sync"]), default="diloco", show_default=True)
 @click.option("--inner-steps", type=int, default=50, show_default=True, help="diloco: peer steps per round")
-@click.option("--compression", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp16",
-              show_default=True)
+@click.option("--compression", type=click.Choice(COMPRESSIONS), default="fp16", show_default=True,
+              help="how updates travel: int8 is 4x smaller than fp32; topk sends 1/32 of each update's values "
+                   "(about 0.75 bits a value) with the rest carried to later rounds, for slow uplinks")
 @click.option("--outer-lr", type=float, default=0.7, show_default=True)
 @click.option("--outer-momentum", type=float, default=0.9, show_default=True)
 @click.option("--round-timeout", type=float, default=120.0, show_default=True, help="seconds")

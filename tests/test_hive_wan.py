@@ -95,13 +95,15 @@ def test_overlapped_rounds_apply_every_outer_update_exactly_once(tmp_path, corpu
 
 
 def test_overlapped_rounds_train_two_real_peers(tmp_path, corpus, env, monkeypatch):
-    """Two `hived join` processes with --overlap: every round takes both updates, each round is
-    applied once and in order, the ledger counts each round's work once, and validation loss falls."""
+    """Two `hived join` processes with --overlap and top-k updates (int8 weights): every round
+    takes both updates, each round is applied once and in order, the ledger counts each round's
+    work once, and validation loss falls."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     keys = KeyStore(tmp_path / "state")
     rounds = 6
     coordinator = Coordinator(run_config(corpus, eval_interval=2),
-                              HiveConfig(inner_steps=8, rounds=rounds, min_peers=2, overlap=True), tmp_path / "state")
+                              HiveConfig(inner_steps=8, rounds=rounds, min_peers=2, overlap=True, compression="topk"),
+                              tmp_path / "state")
 
     async def hive() -> None:
         async with serving(coordinator) as url:

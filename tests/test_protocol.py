@@ -5,13 +5,15 @@ import threading
 import time
 
 import msgpack
+import numpy as np
 import pytest
 import torch
 import zstandard
 
 from hived.hive.aggregation import UpdateGuard, WeightedMean, squared_norm
 from hived.hive.keys import KeyStore, KeyStoreError
-from hived.hive.compression import INT8_BLOCK, ErrorFeedback, MalformedTensor, pack, packed_nbytes, unpack
+from hived.hive.compression import (INT8_BLOCK, TOPK_CHUNK, TOPK_KEEP, ErrorFeedback, MalformedTensor, pack,
+                                     packed_nbytes, unpack)
 from hived.hive.protocol import (CHUNK_BYTES, PROTOCOL_VERSION, Ack, Hello, ProtocolError, Update, Weights, Work,
                                  clean_text, decode, encode, packed_ahead, split, tensor_frames)
 
@@ -102,21 +104,57 @@ def test_error_feedback_makes_the_sum_of_sent_updates_track_the_true_sum():
     assert (without - true).abs().max() > 3 * (with_fb - true).abs().max()  # ...while without it drifts
 
 
-@pytest.mark.parametrize("compression", ["fp32", "int8"])
+def test_topk_sends_the_largest_values_of_each_chunk_in_under_a_bit_each():
+    torch.manual_seed(0)
+    t = torch.randn(2, 3000)  # two chunks, the second padded
+    d = pack(t, "topk")
+    nbytes = len(d["data"]) + len(d["index"]) + len(d["scale"])
+    assert nbytes == packed_nbytes(t.numel(), "topk") and nbytes * 8 / (2 * TOPK_CHUNK) < 0.8  # bits a value
+    back = unpack(d)
+    assert back.shape == t.shape and int((back != 0).sum()) == 2 * TOPK_KEEP
+    flat, got = t.flatten(), back.flatten()
+    for chunk in (slice(0, TOPK_CHUNK), slice(TOPK_CHUNK, t.numel())):
+        kept = set(got[chunk].nonzero().flatten().tolist())
+        assert kept == set(flat[chunk].abs().topk(TOPK_KEEP).indices.tolist())
+        scale = flat[chunk].abs().max() / 127
+        assert ((got[chunk] - flat[chunk])[list(kept)].abs() <= scale / 2 + 1e-6).all()
+    bad = dict(d, index=np.full(2 * TOPK_KEEP, TOPK_CHUNK, np.int16).tobytes())
+    with pytest.raises(MalformedTensor, match="outside its chunk"):
+        unpack(bad)
+    with pytest.raises(MalformedTensor, match="does not match"):
+        unpack(dict(d, index=d["index"][:-2]))
+
+
+def test_topk_error_feedback_delivers_every_value_in_time():
+    """Only 1/32 of each update travels, yet with error feedback the sum of what was received
+    tracks the sum of the updates: what is held back is at most what a few rounds leave."""
+    torch.manual_seed(0)
+    updates = [torch.randn(TOPK_CHUNK) * 0.01 for _ in range(300)]
+    true = torch.stack(updates).sum(0)
+    fb = ErrorFeedback("topk")
+    sent = sum(unpack(fb.pack("w", u)) for u in updates)
+    without = sum(unpack(pack(u, "topk")) for u in updates)
+    assert (sent - true).norm() < 0.2 * true.norm()
+    assert (without - true).norm() > 0.7 * true.norm()  # without it, most of every update is lost
+    assert torch.allclose(sent + fb.residual["w"], true, atol=1e-4)  # nothing lost, only delayed
+
+
+@pytest.mark.parametrize("compression", ["fp32", "int8", "topk"])
 def test_tensor_frames_keep_parts_under_the_limit_and_lose_nothing(compression):
     tensors = {f"t{i}": torch.randn(100_000 + i) for i in range(10)}  # 400 kB each in fp32
     assert len(split({k: t.numel() for k, t in tensors.items()}, "fp32", limit=10_000)) == 10  # one each
     frames = [job() for job in tensor_frames(Update(3, 0, 0, 640, 2.5, 0.1), tensors, compression)]
     parts = [decode(f) for f in frames]
     assert len(parts) == (5 if compression == "fp32" else 1)
+    sizes = lambda d: sum(len(d.get(k, b"")) for k in ("data", "scale", "index"))  # noqa: E731
     assert [(m.round, m.part, m.parts, m.tokens) for m in parts] == [(3, i, len(parts), 640) for i in range(len(parts))]
     for m in parts:
         assert sum(packed_nbytes(len(unpack(d)), compression) for d in m.tensors.values()) <= CHUNK_BYTES
-        assert all(len(d["data"]) + len(d.get("scale", b"")) == packed_nbytes(tensors[k].numel(), compression)
-                   for k, d in m.tensors.items())
+        assert all(sizes(d) == packed_nbytes(tensors[k].numel(), compression) for k, d in m.tensors.items())
     got = {k: unpack(d) for m in parts for k, d in m.tensors.items()}
     assert got.keys() == tensors.keys()
-    assert all(torch.allclose(got[k], tensors[k], atol=0.02) for k in tensors)
+    if compression != "topk":  # sparse: its own test checks what it keeps
+        assert all(torch.allclose(got[k], tensors[k], atol=0.02) for k in tensors)
     assert len(tensor_frames(Weights(0, 0, 0), {"w": torch.ones(300_000)}, "fp32")) == 1  # too big: alone
 
 
@@ -209,7 +247,7 @@ def test_a_clipped_update_counts_with_its_full_weight_and_its_scaled_values():
     assert torch.allclose(alone.result()["w"], normal)
 
 
-@pytest.mark.parametrize("compression", ["fp16", "int8"])
+@pytest.mark.parametrize("compression", ["fp16", "int8", "topk"])
 def test_a_non_finite_update_leaves_error_feedback_as_it_was(compression):
     """One Inf must not poison what the sender remembers: the clean updates after it decode to
     finite values (else every later update is rejected and an honest peer is struck out)."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ...config import ConfigError
 from ..aggregation import STRATEGIES
+from ..compression import COMPRESSIONS
 
 
 @dataclass
@@ -32,6 +33,8 @@ class HiveConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("diloco", "sync"):
             raise ConfigError("--mode is diloco or sync")
+        if self.compression not in COMPRESSIONS:
+            raise ConfigError(f"--compression is one of {', '.join(COMPRESSIONS)}")
         if self.aggregator not in STRATEGIES:
             raise ConfigError(f"--aggregator is one of {', '.join(STRATEGIES)}")
         if self.outer_lr <= 0 or not 0 <= self.outer_momentum < 1:

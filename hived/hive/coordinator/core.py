@@ -37,7 +37,7 @@ from ...events import Events
 from ...monitoring import HEALTH_CHECKS
 from ...trainer import build_trainer
 from ..aggregation import STRATEGIES, UpdateGuard, model_norm
-from ..compression import unpack
+from ..compression import unpack, weights_compression
 from ..keys import KeyStore
 from ..protocol import (BAD_INPUT, Ack, Bye, Go, ProtocolError, Ready, Resume, Training, Update, Weights,
                         Welcome, Work, clean_text, encode, packed_ahead, tensor_frames)
@@ -273,7 +273,7 @@ class Coordinator:
         # The weights are packed a few parts ahead of the first peer that needs them; every peer
         # gets the same frames, so the model is packed once a round whatever the number of peers.
         parts = packed_ahead(tensor_frames(Weights(self.round, 0, 0), {k: p.data for k, p in self.params.items()},
-                                           self.hive.compression))
+                                           weights_compression(self.hive.compression)))
         frames: list[bytes] = []
         packing = asyncio.Lock()
 
