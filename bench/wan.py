@@ -2,8 +2,13 @@
 to the coordinator's by a veth pair whose two directions are shaped with tbf, behind a relay that
 adds the link's propagation delay (this kernel has no netem; bench/wan_relay.py). Needs root.
 
-    sudo python bench/wan.py [--profiles lan home far mixed] [--rounds 4] [--preset 10m]
+    sudo python bench/wan.py [--profiles lan home far mixed] [--configs int8 topk+overlap+speed] [--rounds 4]
     sudo python bench/wan.py --check-links [--dilation 100]   # the RTT and rates the links give
+
+A config names the coordinator's settings joined by "+": a compression (fp32, fp16, bf16, int8,
+topk), "overlap" (--overlap) and "speed" (--work-by-speed). In the `mixed` profile the last
+peer computes three times slower (`hived join --slowdown 3`); `mixed-fast` is the same hive
+without it, the pace the slow peer should not change.
 
 Time is dilated: our CPUs take a step about a hundred times longer than a volunteer's GPU, which
 would hide every communication cost. The bench measures a peer's step time here (all peers
@@ -50,8 +55,25 @@ class Link:
 LAN = Link(1000, 1000, 0.5)
 HOME = Link(20, 100, 60)
 FAR = Link(10, 50, 150)
-# mixed: a peer of each kind (its 3x slower computer comes with the work sized by speed)
-PROFILES = {"lan": [LAN] * 4, "home": [HOME] * 4, "far": [FAR] * 4, "mixed": [LAN, HOME, FAR, HOME]}
+# mixed: a peer of each kind, the last of them three times slower at computing
+PROFILES = {"lan": [LAN] * 4, "home": [HOME] * 4, "far": [FAR] * 4, "mixed": [LAN, HOME, FAR, HOME],
+            "mixed-fast": [LAN, HOME, FAR]}
+SLOWDOWN = {"mixed": {3: 3.0}}  # profile → peer index → how many times slower it computes
+
+
+def config_flags(config: str) -> list[str]:
+    """`hived serve` options for a config such as "topk+overlap+speed"."""
+    flags = []
+    for part in config.split("+"):
+        if part == "overlap":
+            flags.append("--overlap")
+        elif part == "speed":
+            flags.append("--work-by-speed")
+        elif part in ("fp32", "fp16", "bf16", "int8", "topk"):
+            flags += ["--compression", part]
+        else:
+            raise SystemExit(f"unknown config part {part!r}: a compression, overlap or speed")
+    return flags
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -204,7 +226,7 @@ def step_time(args, peers: int) -> float:
         return statistics.median(steps)
 
 
-def run_profile(args, profile: str, dilation: float) -> dict:
+def run_profile(args, profile: str, config: str, dilation: float) -> dict:
     links = PROFILES[profile]
     net = Network(links, dilation)
     with tempfile.TemporaryDirectory() as tmp:
@@ -220,20 +242,26 @@ def run_profile(args, profile: str, dilation: float) -> dict:
             net.start(net.hub, [sys.executable, "-m", "hived.cli", "serve", "--state-dir", str(state), "--host",
                                 "127.0.0.1", "--port", str(PORT), "--preset", args.preset, "--data", args.data,
                                 "--inner-steps", str(args.inner_steps), "--rounds", str(args.rounds),
-                                "--min-peers", str(len(links)), "--compression", args.compression,
+                                "--min-peers", str(len(links)), *config_flags(config),
+                                "--eval-interval", str(args.rounds),  # the last round only: off the peers' cores
                                 "--round-timeout", "36000", "--send-timeout", "36000", "--threads", "1",
                                 *args.train], log=tmp / "coordinator.log", env=env)
             for i, ns in enumerate(net.peers):
+                slow = SLOWDOWN.get(profile, {}).get(i)
                 net.start(ns, [sys.executable, "-m", "hived.cli", "join", f"ws://{SUBNET}.1:{RELAY_PORT + i}/",
-                               "--key", keys[i], "--name", f"peer{i}", "--threads", "1"],
+                               "--key", keys[i], "--name", f"peer{i}", "--threads", "1",
+                               *(["--slowdown", str(slow)] if slow else [])],
                           log=tmp / f"peer{i}.log", env=env)
             status = wait_for_rounds(net, args.rounds, args.timeout)
         finally:
             net.close()
     rounds = status["history"]
-    wall = rounds[-1]["time"] - (rounds[0]["time"] - rounds[0]["seconds"])
-    return {"utilisation": sum(r["compute_sum"] for r in rounds) / (len(links) * wall),
-            "round_s": statistics.median(r["seconds"] + r["between"] for r in rounds[1:]) / dilation,
+    # In steady state: from the first round's close to the last's (the first round cannot overlap
+    # anything, and starts with every peer's warm-up).
+    steady = rounds[1:]
+    wall = rounds[-1]["time"] - rounds[0]["time"]
+    return {"utilisation": sum(r["compute_sum"] for r in steady) / (len(links) * wall),
+            "round_s": wall / len(steady) / dilation,
             "bytes_in": sum(r["bytes_in"] for r in rounds) / len(rounds) / len(links),
             "bytes_out": sum(r["bytes_out"] for r in rounds) / len(rounds) / len(links),
             "val_loss": rounds[-1]["val_loss"], "tokens": status["tokens"]}
@@ -261,7 +289,8 @@ def main() -> None:
     parser.add_argument("--preset", default="10m")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--inner-steps", type=int, default=50)
-    parser.add_argument("--compression", default="int8")
+    parser.add_argument("--configs", nargs="+", default=["fp16", "int8+overlap", "topk+overlap+speed"],
+                        help='coordinator settings joined by "+": a compression, overlap, speed')
     parser.add_argument("--gpu-step-ms", type=float, default=20.0)
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds a profile may take")
     parser.add_argument("--check-links", action="store_true", help="only measure what each profile's links give")
@@ -285,13 +314,15 @@ def main() -> None:
         return
     dilation = args.dilation or step_time(args, 4) * 1000 / args.gpu_step_ms
     print(f"dilation {dilation:.1f} (a step here / {args.gpu_step_ms:g} ms)", flush=True)
-    print("| profile | compute utilisation | round (s, at GPU speed) | bytes in / out per peer and round | val loss "
-          "| tokens |\n| --- | --- | --- | --- | --- | --- |", flush=True)
+    print("| profile | config | compute utilisation | round (s, at GPU speed) | MB up / down per peer and round "
+          "| val loss | tokens |\n| --- | --- | --- | --- | --- | --- | --- |", flush=True)
     for profile in args.profiles:
-        r = run_profile(args, profile, dilation)
-        loss = "–" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
-        print(f"| {profile} | {r['utilisation']:.0%} | {r['round_s']:.2f} | {r['bytes_in'] / 1e6:.1f} MB / "
-              f"{r['bytes_out'] / 1e6:.1f} MB | {loss} | {r['tokens']:,} |", flush=True)
+        for config in args.configs:
+            r = run_profile(args, profile, config, dilation)
+            loss = "–" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
+            print(f"| {profile} | {config} | {r['utilisation']:.0%} | {r['round_s']:.2f} | "
+                  f"{r['bytes_in'] / 1e6:.2f} / {r['bytes_out'] / 1e6:.2f} | {loss} | {r['tokens']:,} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ class Outgoing:
 
     header: Update
     go: bool  # its Work said to upload without Ready and Go
+    connection: int  # the connection its Work came on: on a later one, only a Resume sends it
     jobs: list  # one packing job per part
     frames: dict[int, bytes] = field(default_factory=dict)
     state: str = "computed"  # computed | ready (Ready sent) | sending | sent
@@ -83,6 +84,7 @@ class HivePeer:
         self.announced = -1  # the newest round the coordinator was told (Training) has begun with its weights
         self.training: asyncio.Task | None = None
         self.done = False
+        self.connection = 0  # connections so far
 
     def status(self) -> dict:
         """What ``--metrics-port`` reports."""
@@ -124,7 +126,7 @@ class HivePeer:
             return  # the connection is gone: the session ends, and the parts wait for a Resume
         out.state = "sent"
 
-    def _train_done(self, task: asyncio.Task, work: Work) -> None:
+    def _train_done(self, task: asyncio.Task, work: Work, connection: int) -> None:
         self.training = None
         if task.cancelled():
             return
@@ -138,8 +140,8 @@ class HivePeer:
         self.events.emit("round", round=work.round + 1, seconds=header.seconds)
         # An update with no tokens behind it (a skipped step) weighs nothing: the residual stays.
         pack_one = self.feedback.pack if header.tokens else None
-        self.outgoing[work.round] = Outgoing(header, work.go, tensor_frames(header, delta, self.feedback.compression,
-                                                                               pack_one))
+        self.outgoing[work.round] = Outgoing(header, work.go, connection,
+                                             tensor_frames(header, delta, self.feedback.compression, pack_one))
         asyncio.ensure_future(self._advance())
 
     async def _advance(self) -> None:
@@ -151,7 +153,7 @@ class HivePeer:
             self.announced = self.started
             await self._send(encode(Training(self.started)))
         for r, out in sorted(self.outgoing.items()):
-            if out.state == "computed" and r <= self.opened:
+            if out.state == "computed" and r <= self.opened and out.connection == self.connection:
                 if out.go:
                     out.state = "sending"
                     asyncio.ensure_future(self.upload(r))
@@ -165,7 +167,7 @@ class HivePeer:
                 self.started = r
                 loop = asyncio.get_running_loop()
                 self.training = asyncio.ensure_future(loop.run_in_executor(None, self.worker.work, work))
-                self.training.add_done_callback(lambda t: self._train_done(t, work))
+                self.training.add_done_callback(lambda t, c=self.connection: self._train_done(t, work, c))
                 if r <= self.opened:
                     self.announced = r
                     await self._send(encode(Training(r)))
@@ -184,9 +186,13 @@ class HivePeer:
         self.ws = ws
         await self._send(encode(Hello(PROTOCOL_VERSION, self.opts.key, self.opts.name,
                                       describe(self.worker.device), self.worker.replicas)))
-        # After a reconnection the coordinator says again which round is open (its weights), and
-        # an update begun on the last connection goes out again only if it asks (Resume).
+        # After a reconnection the coordinator says again which round is open (its weights) and
+        # gives new work (it may have restarted, or moved on); an update from an earlier
+        # connection goes out only if it asks for the rest (Resume).
+        self.connection += 1
         self.opened = -1
+        self.announced = self.started  # a round begun before is not this connection's to announce
+        self.works.clear()
         for out in self.outgoing.values():
             out.state = "sent" if out.state == "sending" else out.state
         async for msg in ws:
