@@ -208,13 +208,25 @@ def check_links(profile: str, dilation: float) -> None:
         net.close()
 
 
+def model_config(args, tmp: Path) -> list[str]:
+    """``--config`` for a ``--block-size`` other than the preset's: the bench's time is dilated
+    per step, so a shorter context makes each step here cheaper (and the runs shorter) without
+    changing what travels (the parameters), only the loss reached."""
+    if not args.block_size:
+        return []
+    path = tmp / "model.toml"
+    path.write_text(f"[model]\nblock_size = {args.block_size}\n")
+    return ["--config", str(path)]
+
+
 def step_time(args, peers: int) -> float:
     """Seconds per training step here, with ``peers`` processes training at once."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "XDG_CACHE_HOME": f"{tmp}/cache"}
         procs = [subprocess.Popen([sys.executable, "-m", "hived.cli", "train", "--preset", args.preset, "--data",
                                    args.data, "--steps", "12", "--eval-interval", "1000", "--sample-interval", "1000",
-                                   "--out", f"{tmp}/r{i}", "--no-ui", "--threads", "1", *args.train],
+                                   "--out", f"{tmp}/r{i}", "--no-ui", "--threads", "1",
+                                   *model_config(args, Path(tmp)), *args.train],
                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for i in range(peers)]
         steps = []
@@ -245,7 +257,7 @@ def run_profile(args, profile: str, config: str, dilation: float) -> dict:
                                 "--min-peers", str(len(links)), *config_flags(config),
                                 "--eval-interval", str(args.rounds),  # the last round only: off the peers' cores
                                 "--round-timeout", "36000", "--send-timeout", "36000", "--threads", "1",
-                                *args.train], log=tmp / "coordinator.log", env=env)
+                                *model_config(args, tmp), *args.train], log=tmp / "coordinator.log", env=env)
             for i, ns in enumerate(net.peers):
                 slow = SLOWDOWN.get(profile, {}).get(i)
                 net.start(ns, [sys.executable, "-m", "hived.cli", "join", f"ws://{SUBNET}.1:{RELAY_PORT + i}/",
@@ -292,6 +304,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["fp16", "int8+overlap", "topk+overlap+speed"],
                         help='coordinator settings joined by "+": a compression, overlap, speed')
     parser.add_argument("--gpu-step-ms", type=float, default=20.0)
+    parser.add_argument("--block-size", type=int, default=0, help="train on this context instead of the preset's")
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds a profile may take")
     parser.add_argument("--check-links", action="store_true", help="only measure what each profile's links give")
     parser.add_argument("--dilation", type=float, help="use this ratio instead of measuring a step")
