@@ -255,7 +255,8 @@ def run_profile(args, profile: str, config: str, dilation: float) -> dict:
                                 "127.0.0.1", "--port", str(PORT), "--preset", args.preset, "--data", args.data,
                                 "--inner-steps", str(args.inner_steps), "--rounds", str(args.rounds),
                                 "--min-peers", str(len(links)), *config_flags(config),
-                                "--eval-interval", str(args.rounds),  # the last round only: off the peers' cores
+                                # the last round only, on 64k tokens: off the peers' cores
+                                "--eval-interval", str(args.rounds), "--eval-tokens", "65536",
                                 "--round-timeout", "36000", "--send-timeout", "36000", "--threads", "1",
                                 *model_config(args, tmp), *args.train], log=tmp / "coordinator.log", env=env)
             for i, ns in enumerate(net.peers):
