@@ -251,7 +251,7 @@ def run_profile(args, profile: str, config: str, dilation: float) -> dict:
                                 str(state)], env=env, capture_output=True, text=True, check=True).stdout.split()[-1]
                 for i in range(len(links))]
         try:
-            net.start(net.hub, [sys.executable, "-m", "hived.cli", "serve", "--state-dir", str(state), "--host",
+            coordinator = net.start(net.hub, [sys.executable, "-m", "hived.cli", "serve", "--state-dir", str(state), "--host",
                                 "127.0.0.1", "--port", str(PORT), "--preset", args.preset, "--data", args.data,
                                 "--inner-steps", str(args.inner_steps), "--rounds", str(args.rounds),
                                 "--min-peers", str(len(links)), *config_flags(config),
@@ -265,7 +265,7 @@ def run_profile(args, profile: str, config: str, dilation: float) -> dict:
                                "--key", keys[i], "--name", f"peer{i}", "--threads", "1",
                                *(["--slowdown", str(slow)] if slow else [])],
                           log=tmp / f"peer{i}.log", env=env)
-            status = wait_for_rounds(net, args.rounds, args.timeout)
+            status = wait_for_rounds(net, coordinator, tmp / "coordinator.log", args.rounds, args.timeout)
         finally:
             net.close()
     rounds = status["history"]
@@ -280,11 +280,13 @@ def run_profile(args, profile: str, config: str, dilation: float) -> dict:
             "val_loss": rounds[-1]["val_loss"], "tokens": status["tokens"]}
 
 
-def wait_for_rounds(net: Network, rounds: int, timeout: float) -> dict:
+def wait_for_rounds(net: Network, coordinator: subprocess.Popen, log: Path, rounds: int, timeout: float) -> dict:
     """The coordinator's status once ``rounds`` rounds are applied and the last is evaluated."""
     ask = f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{PORT}/api/status').read().decode())"
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if coordinator.poll() is not None:
+            raise SystemExit(f"the coordinator exited ({coordinator.returncode}):\n{log.read_text()[-2000:]}")
         out = net.run_in(net.hub, sys.executable, "-c", ask, check=False)
         if out.returncode == 0:
             status = json.loads(out.stdout)

@@ -166,6 +166,24 @@ def join(url: str, key: str, name: str, env: dict[str, str], *args: str, log: Pa
                             stderr=open(log, "a") if log else subprocess.DEVNULL)
 
 
+def run_hive(coordinator, start_peers, done, timeout: float, what: str) -> None:
+    """Serve ``coordinator`` to the peer processes ``start_peers(url)`` starts until ``done()``
+    holds (at most ``timeout`` seconds); the peers are killed after, whatever happened."""
+    import asyncio
+
+    async def hive() -> None:
+        async with serving(coordinator) as url:
+            peers = start_peers(url)
+            try:
+                await until(done, timeout, what)
+            finally:
+                for p in peers:
+                    p.kill()
+                    p.wait()
+
+    asyncio.run(hive())
+
+
 async def until(cond, timeout: float, what: str) -> None:
     """Poll ``cond`` on the event loop (so an in-process coordinator keeps running) until it holds."""
     import asyncio

@@ -13,7 +13,7 @@ from hived.config import resolve
 from hived.hive.coordinator import Coordinator, HiveConfig
 from hived.hive.keys import KeyStore
 
-from conftest import free_port, join, serving, until
+from conftest import free_port, join, run_hive, serving, until
 
 
 def run_config(corpus, **train):
@@ -105,19 +105,9 @@ def test_overlapped_rounds_train_two_real_peers(tmp_path, corpus, env, monkeypat
                               HiveConfig(inner_steps=8, rounds=rounds, min_peers=2, overlap=True, compression="topk"),
                               tmp_path / "state")
 
-    async def hive() -> None:
-        async with serving(coordinator) as url:
-            peers = [join(url, keys.add(f"p{i}"), f"p{i}", env, "--threads", "1", log=tmp_path / f"p{i}.log")
-                     for i in (1, 2)]
-            try:
-                await until(lambda: coordinator.announced == rounds and coordinator.history[-1]["val_loss"], 240,
-                            f"{rounds} rounds")
-            finally:
-                for p in peers:
-                    p.kill()
-                    p.wait()
-
-    asyncio.run(hive())
+    run_hive(coordinator, lambda url: [join(url, keys.add(f"p{i}"), f"p{i}", env, "--threads", "1",
+                                            log=tmp_path / f"p{i}.log") for i in (1, 2)],
+             lambda: coordinator.announced == rounds and coordinator.history[-1]["val_loss"], 240, f"{rounds} rounds")
     history = list(coordinator.history)
     assert [r["round"] for r in history] == list(range(1, rounds + 1))
     assert all(r["accepted"] == 2 and r["late"] == 0 for r in history)
@@ -138,19 +128,11 @@ def test_work_sized_by_speed_keeps_a_slow_peer_in_every_round(tmp_path, corpus, 
                               HiveConfig(inner_steps=inner, rounds=rounds, min_peers=2, work_by_speed=True),
                               tmp_path / "state")
 
-    async def hive() -> None:
-        async with serving(coordinator) as url:
-            peers = [join(url, keys.add("fast"), "fast", env, "--threads", "1", log=tmp_path / "fast.log"),
-                     join(url, keys.add("slow"), "slow", env, "--threads", "1", "--slowdown", "3",
-                          log=tmp_path / "slow.log")]
-            try:
-                await until(lambda: coordinator.announced == rounds, 300, f"{rounds} rounds")
-            finally:
-                for p in peers:
-                    p.kill()
-                    p.wait()
-
-    asyncio.run(hive())
+    run_hive(coordinator, lambda url: [join(url, keys.add("fast"), "fast", env, "--threads", "1",
+                                            log=tmp_path / "fast.log"),
+                                       join(url, keys.add("slow"), "slow", env, "--threads", "1", "--slowdown", "3",
+                                            log=tmp_path / "slow.log")],
+             lambda: coordinator.announced == rounds, 300, f"{rounds} rounds")
     history = list(coordinator.history)
     assert all(r["accepted"] == 2 for r in history)
     block = coordinator.trainer.model_cfg.block_size

@@ -60,6 +60,7 @@ class Outgoing:
     def frame(self, part: int) -> bytes:
         if part not in self.frames:
             self.frames[part] = self.jobs[part]()
+            self.jobs[part] = None  # the part's tensors are no longer needed
         return self.frames[part]
 
 
@@ -85,6 +86,12 @@ class HivePeer:
         self.training: asyncio.Task | None = None
         self.done = False
         self.connection = 0  # connections so far
+        self.tasks: set[asyncio.Future] = set()  # uploads and the like under way (held, so none is collected)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def status(self) -> dict:
         """What ``--metrics-port`` reports."""
@@ -133,7 +140,7 @@ class HivePeer:
         if (exc := task.exception()) is not None:
             log.error("round %d could not be trained: %s", work.round + 1, exc)
             if self.ws is not None:
-                asyncio.ensure_future(self.ws.close(code=1002, message=str(exc).encode()[:120]))
+                self._spawn(self.ws.close(code=1002, message=str(exc).encode()[:120]))
             return
         header, delta = task.result()
         self.train_loss = header.loss
@@ -142,7 +149,7 @@ class HivePeer:
         pack_one = self.feedback.pack if header.tokens else None
         self.outgoing[work.round] = Outgoing(header, work.go, connection,
                                              tensor_frames(header, delta, self.feedback.compression, pack_one))
-        asyncio.ensure_future(self._advance())
+        self._spawn(self._advance())
 
     async def _advance(self) -> None:
         """Do whatever the state now allows: say a round has begun, offer or send computed
@@ -156,7 +163,7 @@ class HivePeer:
             if out.state == "computed" and r <= self.opened and out.connection == self.connection:
                 if out.go:
                     out.state = "sending"
-                    asyncio.ensure_future(self.upload(r))
+                    self._spawn(self.upload(r))
                 else:
                     out.state = "ready"
                     await self._send(encode(Ready(r)))
@@ -214,12 +221,12 @@ class HivePeer:
                 self.outgoing.pop(m.round, None)
             elif isinstance(m, Go) and (out := self.outgoing.get(m.round)) is not None and out.state == "ready":
                 out.state = "sending"
-                asyncio.ensure_future(self.upload(m.round))
+                self._spawn(self.upload(m.round))
             elif isinstance(m, Resume) and (out := self.outgoing.get(m.round)) is not None and out.state != "sending":
                 out.state = "sending"
                 log.info("round %d: resuming the upload (%d of %d parts arrived)", m.round + 1, sum(m.have[:len(out.jobs)]),
                          len(out.jobs))
-                asyncio.ensure_future(self.upload(m.round, m.have))
+                self._spawn(self.upload(m.round, m.have))
             elif isinstance(m, Ack):
                 out = self.outgoing.pop(m.round, None)
                 if m.status != "accepted":
