@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hived.hive.compression import COMPRESSIONS
+
 ROOT = Path(__file__).resolve().parent.parent
 SUBNET = "10.231.0"
 PORT = 8765  # the coordinator, on the hub namespace's loopback
@@ -69,7 +71,7 @@ def config_flags(config: str) -> list[str]:
             flags.append("--overlap")
         elif part == "speed":
             flags.append("--work-by-speed")
-        elif part in ("fp32", "fp16", "bf16", "int8", "topk"):
+        elif part in COMPRESSIONS:
             flags += ["--compression", part]
         else:
             raise SystemExit(f"unknown config part {part!r}: a compression, overlap or speed")
