@@ -156,6 +156,14 @@ class HivePeer:
         updates for rounds the coordinator has opened, and start the next work."""
         if self.ws is None or self.ws.closed:
             return
+        if self.training is None and self.works and not self.done:
+            r = min(self.works)
+            if r <= self.opened or self.worker.trains_ahead():
+                work = self.works.pop(r)
+                self.started = r
+                loop = asyncio.get_running_loop()
+                self.training = asyncio.ensure_future(loop.run_in_executor(None, self.worker.work, work))
+                self.training.add_done_callback(lambda t, c=self.connection: self._train_done(t, work, c))
         if self.started > self.announced and self.started <= self.opened:
             self.announced = self.started
             await self._send(encode(Training(self.started)))
@@ -167,17 +175,6 @@ class HivePeer:
                 else:
                     out.state = "ready"
                     await self._send(encode(Ready(r)))
-        if self.training is None and self.works and not self.done:
-            r = min(self.works)
-            if r <= self.opened or self.worker.trains_ahead():
-                work = self.works.pop(r)
-                self.started = r
-                loop = asyncio.get_running_loop()
-                self.training = asyncio.ensure_future(loop.run_in_executor(None, self.worker.work, work))
-                self.training.add_done_callback(lambda t, c=self.connection: self._train_done(t, work, c))
-                if r <= self.opened:
-                    self.announced = r
-                    await self._send(encode(Training(r)))
 
     def _opened(self, round_: int) -> None:
         """The weights of ``round_`` have arrived: anything for an earlier round is moot."""
