@@ -80,3 +80,31 @@ def test_peers_from_one_address_are_capped_and_the_refusal_is_counted(tmp_path, 
     assert isinstance(welcome, Welcome)
     assert isinstance(refused, Refused) and not refused.final and "1 peers are already connected" in refused.reason
     assert coordinator.status()["auth_failures"] == {"address_full": 1}
+
+
+@pytest.mark.parametrize("limit", ["per_key", "per_address"])
+def test_connections_that_log_in_together_are_held_to_the_limits(tmp_path, corpus, monkeypatch, limit):
+    """Three connections open before any sends its Hello: each is checked against those logged in
+    when its Hello arrives, not when it connected, so one of them is refused."""
+    import aiohttp
+
+    from hived.hive.protocol import PROTOCOL_VERSION, Hello, Refused, Welcome, decode, encode
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    keys = KeyStore(tmp_path / "state")
+    names = ["a", "a", "a"] if limit == "per_key" else ["a", "b", "c"]
+    key = {name: keys.add(name) for name in set(names)}
+    run = resolve({"preset": "1m", "data": [str(corpus)], "batch_size": 4, "eval_tokens": 4096})
+    limits = Limits(max_connections_per_key=2) if limit == "per_key" else Limits(max_peers_per_address=2)
+    coordinator = Coordinator(run, HiveConfig(inner_steps=2, min_peers=4), tmp_path / "state", limits=limits)
+
+    async def hive() -> list[object]:
+        async with serving(coordinator) as url, aiohttp.ClientSession() as session:
+            sockets = [await session.ws_connect(url + "/ws/peer", max_msg_size=0) for _ in names]
+            for ws, name in zip(sockets, names):
+                await ws.send_bytes(encode(Hello(PROTOCOL_VERSION, key[name], name, "cpu", 1)))
+            return [decode((await ws.receive(timeout=30)).data) for ws in sockets]
+
+    answers = asyncio.run(hive())
+    assert [type(a) for a in answers].count(Welcome) == 2
+    assert [type(a) for a in answers].count(Refused) == 1

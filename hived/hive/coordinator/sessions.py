@@ -154,13 +154,15 @@ async def admit(ws: web.WebSocketResponse, address: str, limiter: LoginLimiter, 
     if crowded is not None:
         await crowded.close(code=4002, message=b"too many connections logging in from this address")
     try:
-        return await _login(ws, address, limiter, keys, list(connected), limits)
+        return await _login(ws, address, limiter, keys, connected, limits)
     finally:
         limiter.leave(address, ws)
 
 
 async def _login(ws: web.WebSocketResponse, address: str, limiter: LoginLimiter, keys: KeyStore,
-                 connected: list[PeerSession], limits: Limits) -> PeerSession | None:
+                 connected: Iterable[PeerSession], limits: Limits) -> PeerSession | None:
+    # ``connected`` is read after the Hello arrives, and nothing is awaited from the checks to the
+    # session's registration: connections that log in together are each held to the limits.
     try:
         msg = await ws.receive(timeout=limits.hello_timeout)
         hello = (decode(msg.data, limits.max_hello_bytes, limits.max_message_objects)
