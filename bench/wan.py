@@ -6,7 +6,8 @@ adds the link's propagation delay (this kernel has no netem; bench/wan_relay.py)
     sudo python bench/wan.py --check-links [--dilation 100]   # the RTT and rates the links give
 
 A config names the coordinator's settings joined by "+": a compression (fp32, fp16, bf16, int8,
-topk), "overlap" (--overlap) and "speed" (--work-by-speed). In the `mixed` profile the last
+topk), "overlap" (--overlap), "speed" (--work-by-speed) and any other `hived serve` option as
+OPTION=VALUE ("outer-momentum=0"). In the `mixed` profile the last
 peer computes three times slower (`hived join --slowdown 3`); `mixed-fast` is the same hive
 without it, the pace the slow peer should not change.
 
@@ -73,8 +74,11 @@ def config_flags(config: str) -> list[str]:
             flags.append("--work-by-speed")
         elif part in COMPRESSIONS:
             flags += ["--compression", part]
+        elif "=" in part:
+            name, value = part.split("=", 1)
+            flags += [f"--{name}", value]
         else:
-            raise SystemExit(f"unknown config part {part!r}: a compression, overlap or speed")
+            raise SystemExit(f"unknown config part {part!r}: a compression, overlap, speed or OPTION=VALUE")
     return flags
 
 
