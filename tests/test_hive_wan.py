@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 
 from hived.config import resolve
@@ -95,7 +96,7 @@ def test_overlapped_rounds_apply_every_outer_update_exactly_once(tmp_path, corpu
 
 
 def test_overlapped_rounds_train_two_real_peers(tmp_path, corpus, env, monkeypatch):
-    """Two `hived join` processes with --overlap and top-k updates (int8 weights): every round
+    """Two `hived join` processes with --overlap and top-k updates (int4 weight changes): every round
     takes both updates, each round is applied once and in order, the ledger counts each round's
     work once, and validation loss falls."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -219,3 +220,84 @@ def test_an_upload_cut_mid_way_resumes_with_only_the_missing_parts(tmp_path, cor
     assert record["accepted"] == 1 and record["late"] == 0
     assert coordinator.ledger["home"]["rounds"] == 1
     assert update < relay.sent < 1.5 * update, (relay.sent, update)
+
+
+def test_weight_changes_keep_the_peers_within_one_rounding_of_the_weights(tmp_path, corpus, monkeypatch):
+    """A topk hive sends each round's change to the weights as int4. The peer adds each change to
+    the weights it holds and ends on exactly the coordinator's copy of them (``sent``), and that
+    copy stays within one round's rounding of the true weights, round after round, where int4
+    weights would each be a step of the whole weight off. A change against weights the peer does
+    not hold is refused, and a peer with none from its connection is sent them whole."""
+    import dataclasses
+
+    from hived.hive.compression import INT8_BLOCK
+    from hived.hive.coordinator.broadcast import Broadcast
+    from hived.hive.protocol import ProtocolError, Welcome, decode
+    from hived.hive.worker import TrainerWorker
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    coordinator = Coordinator(run_config(corpus), HiveConfig(compression="topk"), tmp_path / "state")
+    worker = TrainerWorker(torch.device("cpu"))
+    worker.setup(Welcome("p", "diloco", "topk", dataclasses.asdict(coordinator.trainer.model_cfg),
+                         coordinator._peer_train_config(), coordinator.trainer.tokenizer.to_json(), 0))
+    broadcast = Broadcast("topk")
+    torch.manual_seed(0)
+    weights = {k: p.detach().clone() for k, p in coordinator.model.named_parameters()}
+
+    def step(t: torch.Tensor) -> torch.Tensor:
+        """Half an int4 step of each block of ``t``, per value."""
+        flat = torch.nn.functional.pad(t.flatten(), (0, -t.numel() % INT8_BLOCK)).view(-1, INT8_BLOCK)
+        return (flat.abs().amax(1) / 7 / 2).repeat_interleave(INT8_BLOCK)[: t.numel()].view(t.shape)
+
+    kinds = []
+    for round_ in range(6):
+        before = {k: w.clone() for k, w in weights.items()}
+        for w in weights.values():  # a round's change: every weight moves, by much less than itself
+            w.add_(torch.randn_like(w) * 1e-4 + 1e-4)
+        broadcast.advance(round_, weights)
+        kind, jobs = broadcast.frames(round_ - 1, weights)
+        kinds.append(kind)
+        for job in jobs:
+            worker.load(decode(job()))
+        assert worker.received_round == round_
+        for k, w in weights.items():
+            assert torch.equal(worker.received[k], broadcast.sent[k])  # exactly the coordinator's copy
+            assert torch.equal(worker.trainer.model.state_dict()[k], broadcast.sent[k])
+            if round_:  # within one rounding of this round's change (from what the peer held)
+                assert ((broadcast.sent[k] - w).abs() <= step(w - before[k]) * 2 + 1e-7).all()
+                assert (broadcast.sent[k] - w).abs().max() < step(w).max() / 10  # int4 weights: that far off
+    assert kinds == ["whole"] + ["change"] * 5
+    assert broadcast.frames(2, weights)[0] == "whole"  # it sat a round out, or reconnected: whole
+    broadcast.advance(6, weights)
+    worker.received_round = 3  # as if it had missed round 5's weights
+    with pytest.raises(ProtocolError, match="does not hold"):
+        worker.load(decode(broadcast.frames(5, weights)[1][0]()))
+
+
+def test_a_topk_hive_sends_changes_after_the_first_round(tmp_path, corpus, monkeypatch):
+    """Over loopback, one peer in this process: the first round's weights go whole (fp32), the
+    rest as int4 changes, at most an eighth of that; and the peer ends on the coordinator's copy."""
+    from hived.hive.compression import packed_nbytes
+    from hived.hive.peer import HivePeer, PeerOptions
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    key = KeyStore(tmp_path / "state").add("p")
+    rounds = 4
+    coordinator = Coordinator(run_config(corpus), HiveConfig(inner_steps=3, compression="topk", rounds=rounds),
+                              tmp_path / "state")
+    params = coordinator.model.num_params()
+
+    async def hive() -> HivePeer:
+        async with serving(coordinator) as url:
+            peer = HivePeer(PeerOptions(url, key, "p", device="cpu", max_rounds=rounds))
+            assert await asyncio.wait_for(peer.run(), 180) == 0
+            await until(lambda: coordinator.announced == rounds, 60, "the rounds to be applied")
+            return peer
+
+    peer = asyncio.run(hive())
+    sent = [r["bytes_out"] for r in coordinator.history]
+    change = sum(packed_nbytes(p.numel(), "int4") for p in coordinator.model.parameters())
+    # (zstd takes the frames smaller still: a change holds many zeros)
+    assert sent[0] > 3.5 * params and all(s < change * 1.1 for s in sent[1:]), (sent, change)
+    assert peer.worker.received_round == rounds - 1
+    assert all(torch.equal(peer.worker.received[k], coordinator.broadcast.sent[k]) for k in coordinator.broadcast.sent)

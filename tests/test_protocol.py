@@ -72,15 +72,18 @@ def test_frames_are_packed_ahead_in_parallel_and_sent_in_order():
     assert peak[0] == 3  # packed three at a time, never more
 
 
-def test_int8_error_is_within_half_a_step_of_each_blocks_scale():
+@pytest.mark.parametrize("compression, top, smaller", [("int8", 127, 3.5), ("int4", 7, 7.0)])
+def test_blockwise_error_is_within_half_a_step_of_each_blocks_scale(compression, top, smaller):
     torch.manual_seed(0)
     t = torch.randn(1000) * torch.linspace(0.01, 10, 1000)  # blocks of very different magnitude
-    d = pack(t, "int8")
-    assert len(d["data"]) + len(d["scale"]) < t.numel() * 4 / 3.5  # at least 3.5x smaller than fp32
+    d = pack(t, compression)
+    assert len(d["data"]) + len(d["scale"]) == packed_nbytes(t.numel(), compression)
+    assert packed_nbytes(t.numel(), compression) < t.numel() * 4 / smaller  # that much smaller than fp32
     back = unpack(d)
     flat = torch.nn.functional.pad(t, (0, -t.numel() % INT8_BLOCK)).view(-1, INT8_BLOCK)
-    bound = (flat.abs().amax(1) / 127 / 2).repeat_interleave(INT8_BLOCK)[: t.numel()]
+    bound = (flat.abs().amax(1) / top / 2).repeat_interleave(INT8_BLOCK)[: t.numel()]
     assert ((back - t).abs() <= bound + 1e-6).all()
+    assert (back - t).abs().max() > bound.max() / 4  # and it is that coarse: the levels are the format's
 
 
 def test_tensor_bytes_must_match_the_shape():
@@ -90,6 +93,8 @@ def test_tensor_bytes_must_match_the_shape():
         unpack(d)
     with pytest.raises(MalformedTensor):
         unpack({"dtype": "int8", "shape": [4], "data": b"\x00" * 256})  # no scales
+    with pytest.raises(MalformedTensor, match="does not match"):
+        unpack({"dtype": "int4", "shape": [4], "data": b"\x00" * 256, "scale": b"\x00" * 4})  # int8's size
 
 
 def test_error_feedback_makes_the_sum_of_sent_updates_track_the_true_sum():
@@ -139,7 +144,7 @@ def test_topk_error_feedback_delivers_every_value_in_time():
     assert torch.allclose(sent + fb.residual["w"], true, atol=1e-4)  # nothing lost, only delayed
 
 
-@pytest.mark.parametrize("compression", ["fp32", "int8", "topk"])
+@pytest.mark.parametrize("compression", ["fp32", "int8", "int4", "topk"])
 def test_tensor_frames_keep_parts_under_the_limit_and_lose_nothing(compression):
     tensors = {f"t{i}": torch.randn(100_000 + i) for i in range(10)}  # 400 kB each in fp32
     assert len(split({k: t.numel() for k, t in tensors.items()}, "fp32", limit=10_000)) == 10  # one each
@@ -154,7 +159,8 @@ def test_tensor_frames_keep_parts_under_the_limit_and_lose_nothing(compression):
     got = {k: unpack(d) for m in parts for k, d in m.tensors.items()}
     assert got.keys() == tensors.keys()
     if compression != "topk":  # sparse: its own test checks what it keeps
-        assert all(torch.allclose(got[k], tensors[k], atol=0.02) for k in tensors)
+        atol = 0.02 if compression != "int4" else 0.4  # half a step of max/7 of normal values
+        assert all(torch.allclose(got[k], tensors[k], atol=atol) for k in tensors)
     assert len(tensor_frames(Weights(0, 0, 0), {"w": torch.ones(300_000)}, "fp32")) == 1  # too big: alone
 
 
@@ -247,7 +253,7 @@ def test_a_clipped_update_counts_with_its_full_weight_and_its_scaled_values():
     assert torch.allclose(alone.result()["w"], normal)
 
 
-@pytest.mark.parametrize("compression", ["fp16", "int8", "topk"])
+@pytest.mark.parametrize("compression", ["fp16", "int8", "int4", "topk"])
 def test_a_non_finite_update_leaves_error_feedback_as_it_was(compression):
     """One Inf must not poison what the sender remembers: the clean updates after it decode to
     finite values (else every later update is rejected and an honest peer is struck out)."""

@@ -1,17 +1,18 @@
-"""How tensors travel: fp32, fp16, bf16, blockwise int8 or sparse top-k, and the sender's
-error feedback.
+"""How tensors travel: fp32, fp16, bf16, blockwise int8 or int4, or sparse top-k, and the
+sender's error feedback.
 
 Kept apart from the wire protocol (which frames whatever this packs) as hivemind keeps its
 ``compression/`` apart from its averaging. A tensor packs to a msgpack-friendly map of dtype,
-shape and bytes (int8 adds one fp32 scale per block of ``INT8_BLOCK`` values). The sender of
-fp16, bf16 or int8 updates keeps what rounding or quantisation dropped and adds it to the next
+shape and bytes (int8 and int4 add one fp32 scale per block of ``INT8_BLOCK`` values; int4
+holds two values a byte). The sender of fp16, bf16, int8 or int4 updates keeps what rounding or quantisation dropped and adds it to the next
 update (error feedback), so over rounds nothing is lost, only delayed. Unpacking checks every
 size against the declared shape before it touches the bytes.
 
 ``topk`` is for updates over slow uplinks (as SparseLoCo): in each chunk of ``TOPK_CHUNK``
 values only the ``TOPK_KEEP`` largest in magnitude travel, as int8 with one scale per chunk and
 a 16-bit position each, about 0.75 bits a value in all; error feedback carries the rest into
-later rounds. Weights cannot be sparse, so a hive with topk updates sends its weights as int8.
+later rounds. A change to the weights cannot be sparse (every weight moves with the outer
+momentum), so a hive with topk updates sends each round's change to its weights as int4.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 INT8_BLOCK = 256
 TOPK_CHUNK, TOPK_KEEP = 4096, 128  # 1/32 of the values (3.1%), each 3 bytes, + 4 bytes a chunk
-COMPRESSIONS = ("fp32", "fp16", "bf16", "int8", "topk")
+COMPRESSIONS = ("fp32", "fp16", "bf16", "int8", "int4", "topk")
 
 
 class MalformedTensor(ValueError):
@@ -53,14 +54,18 @@ def _quantize(t: torch.Tensor, compression: str, received: bool = True) -> tuple
     if compression == "bf16":
         b = t.bfloat16()
         return {"dtype": "bf16", "shape": shape, "data": _buffer(b.view(torch.int16))}, b
-    if compression == "int8":
+    if compression in ("int8", "int4"):
         flat = t.flatten()
         pad = (-flat.numel()) % INT8_BLOCK
         blocks = (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, INT8_BLOCK)
-        scale = blocks.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        q = (blocks / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        top = 127 if compression == "int8" else 7
+        scale = blocks.abs().amax(dim=1).clamp_min(1e-12) / top
+        q = (blocks / scale[:, None]).round_().clamp_(-top, top).to(torch.int8)
         back = (q.float() * scale[:, None]).flatten()[: flat.numel()].view(t.shape) if received else None
-        return {"dtype": "int8", "shape": shape, "data": _buffer(q), "scale": _buffer(scale)}, back
+        if compression == "int4":  # two a byte, offset by 8: the even value in the low nibble
+            pairs = (q + 8).to(torch.uint8).view(-1, 2)
+            q = pairs[:, 0] | (pairs[:, 1] << 4)
+        return {"dtype": compression, "shape": shape, "data": _buffer(q), "scale": _buffer(scale)}, back
     if compression == "topk":
         flat = t.flatten()
         pad = (-flat.numel()) % TOPK_CHUNK
@@ -98,13 +103,13 @@ def unpack(d: Any) -> torch.Tensor:
         raise MalformedTensor("malformed tensor shape")
     n = math.prod(shape)
     kind = d.get("dtype")
-    itemsize = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "topk": 1}.get(kind)
+    itemsize = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 1, "topk": 1}.get(kind)
     if itemsize is None:
         raise MalformedTensor(f"unknown tensor dtype {kind!r}")
     if kind == "topk":
         return _unpack_topk(d, shape, n)
     blocks = -(-n // INT8_BLOCK)
-    expected = blocks * INT8_BLOCK if kind == "int8" else n * itemsize
+    expected = {"int8": blocks * INT8_BLOCK, "int4": blocks * INT8_BLOCK // 2}.get(kind, n * itemsize)
     if len(d["data"]) != expected:
         raise MalformedTensor("tensor data does not match its shape")
     if kind == "fp32":
@@ -116,8 +121,12 @@ def unpack(d: Any) -> torch.Tensor:
     else:
         scale = d.get("scale")
         if not isinstance(scale, BUFFERS) or len(scale) != blocks * 4:
-            raise MalformedTensor("int8 tensor has no valid scales")
-        q = _view(d["data"], np.int8).view(blocks, INT8_BLOCK)
+            raise MalformedTensor(f"{kind} tensor has no valid scales")
+        if kind == "int8":
+            q = _view(d["data"], np.int8).view(blocks, INT8_BLOCK)
+        else:
+            b = _view(d["data"], np.uint8)
+            q = (torch.stack((b & 15, b >> 4), dim=1).to(torch.int8) - 8).view(blocks, INT8_BLOCK)
         out = (q.float() * _view(scale, np.float32)[:, None]).flatten()[:n]
     return out.view(shape)
 
@@ -174,15 +183,15 @@ class ErrorFeedback:
 
 def packed_nbytes(numel: int, compression: str) -> int:
     """Payload bytes of a tensor of ``numel`` values once packed."""
-    if compression == "int8":
+    if compression in ("int8", "int4"):
         blocks = -(-numel // INT8_BLOCK)
-        return blocks * INT8_BLOCK + 4 * blocks
+        return blocks * INT8_BLOCK // (1 if compression == "int8" else 2) + 4 * blocks
     if compression == "topk":
         return -(-numel // TOPK_CHUNK) * (TOPK_KEEP * 3 + 4)
     return numel * {"fp32": 4, "fp16": 2, "bf16": 2}[compression]
 
 
 def weights_compression(compression: str) -> str:
-    """How weights travel in a hive whose updates travel as ``compression``: the same, but a
-    model cannot be sparse, so topk hives send int8 weights."""
-    return "int8" if compression == "topk" else compression
+    """How a round's change to the weights travels in a hive whose updates travel as
+    ``compression``: the same, but that change is dense, so topk hives send it as int4."""
+    return "int4" if compression == "topk" else compression

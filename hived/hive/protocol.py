@@ -27,7 +27,7 @@ import zstandard
 
 from .compression import MalformedTensor, pack, packed_nbytes
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 MAX_FRAME_BYTES = 64 << 20  # compressed, as received
 MAX_MESSAGE_BYTES = 256 << 20  # after decompression
 MAX_HELLO_BYTES = 16 << 10  # a frame before login, compressed or not: a Hello is a few hundred bytes
@@ -90,12 +90,14 @@ class Refused:
 
 @dataclass
 class Weights:
-    """Coordinator → peer: the model at the start of ``round`` (one part of ``parts``)."""
+    """Coordinator → peer: the model at the start of ``round`` (one part of ``parts``): whole,
+    or (``base`` ≥ 0) as its change from the weights this peer was sent for round ``base``."""
 
     round: int
     part: int
     parts: int
     tensors: dict = field(default_factory=dict)
+    base: int = -1
 
 
 @dataclass

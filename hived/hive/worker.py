@@ -70,7 +70,10 @@ class TrainerWorker:
         self.trainer: Trainer | None = None
         self.mode = "diloco"  # set from the coordinator's Welcome
         self.identity: str | None = None  # what the trainer was built for
-        self.incoming: Tensors = {}  # the weights of a round, as their parts arrive
+        self.incoming: Tensors = {}  # the weights of a round, as their parts arrive, on the device
+        self.arriving: Tensors = {}  # the same, as received (a change is added to ``received``)
+        self.received: Tensors = {}  # the last whole weights received, as the coordinator holds them
+        self.received_round = -1
         self.loaded = False  # the model has had a whole set of weights from this hive
         self.lock = threading.Lock()  # the model, the bases and ``pending`` between the two threads
         self.training = False
@@ -94,24 +97,33 @@ class TrainerWorker:
             self.mode = welcome.mode
             self.identity = identity
             self.loaded, self.bases, self.pending, self.incoming = False, {}, None, {}
+            self.received, self.received_round = {}, -1
         log.info("joined: %s mode, %s updates, %s parameters on %s", welcome.mode, welcome.compression,
                  f"{self.trainer.model.num_params():,}", self.device)
         return True
 
     def load(self, weights: Weights) -> None:
         """Parts are converted from the precision they travelled in as they arrive (in a thread,
-        while the next ones are received)."""
+        while the next ones are received). A change is added to the weights last received, in
+        fp32 on the CPU, exactly as the coordinator adds it to its copy of them."""
         params = dict(self.trainer.model.named_parameters())
         if weights.part == 0:
-            self.incoming = {}
+            self.incoming, self.arriving = {}, {}
+            if weights.base >= 0 and weights.base != self.received_round:
+                raise ProtocolError(f"the weights of round {weights.round + 1} came as a change from round "
+                                    f"{weights.base + 1}'s, which this peer does not hold")
         for name, d in weights.tensors.items():
             t = unpack(d)
             if name not in params or t.shape != params[name].shape:
                 raise ProtocolError(f"weights do not match the model ({name})")
+            if weights.base >= 0:
+                t = self.received[name] + t
+            self.arriving[name] = t
             self.incoming[name] = t.to(params[name].device, params[name].dtype, copy=True)
         if weights.part == weights.parts - 1:
             if self.incoming.keys() != params.keys():
                 raise ProtocolError("the weights do not cover the whole model")
+            self.received, self.received_round, self.arriving = self.arriving, weights.round, {}
             with self.lock:
                 self.pending, self.incoming = (weights.round, self.incoming), {}
                 if not self.training:

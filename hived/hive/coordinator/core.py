@@ -37,11 +37,12 @@ from ...events import Events
 from ...monitoring import HEALTH_CHECKS
 from ...trainer import build_trainer
 from ..aggregation import STRATEGIES, UpdateGuard, model_norm
-from ..compression import unpack, weights_compression
+from ..compression import unpack
 from ..keys import KeyStore
-from ..protocol import (BAD_INPUT, Ack, Bye, Go, ProtocolError, Ready, Resume, Training, Update, Weights,
-                        Welcome, Work, clean_text, encode, packed_ahead, tensor_frames)
+from ..protocol import (BAD_INPUT, Ack, Bye, Go, ProtocolError, Ready, Resume, Training, Update, Welcome, Work,
+                        clean_text, encode)
 from . import state as disk
+from .broadcast import Broadcast, SharedFrames
 from .config import HiveConfig
 from .deadlines import watch
 from .evaluation import Evaluator
@@ -92,6 +93,7 @@ class Coordinator:
         self.bytes_out = 0
         self.peers: dict[str, PeerSession] = {}
         self.current: Round | None = None
+        self.broadcast = Broadcast(hive.compression)  # the weights as the peers hold them
         self.ahead: dict[str, Assignment] = {}  # peer id → its work for the next round (--overlap), already sent
         self.held: dict[str, Held] = {}  # participant → its upload cut off this round, awaiting a reconnection
         self.changed = asyncio.Event()
@@ -270,27 +272,20 @@ class Coordinator:
         rnd.uploading.update(i for i, (a, _) in work.items() if a.go)
         rnd.between = rnd.started - self.last_closed if self.last_closed else 0.0
         self.current = rnd
-        # The weights are packed a few parts ahead of the first peer that needs them; every peer
-        # gets the same frames, so the model is packed once a round whatever the number of peers.
-        parts = packed_ahead(tensor_frames(Weights(self.round, 0, 0), {k: p.data for k, p in self.params.items()},
-                                           weights_compression(self.hive.compression)))
-        frames: list[bytes] = []
-        packing = asyncio.Lock()
-
-        async def frame(i: int) -> bytes | None:
-            async with packing:
-                if i == len(frames) and (f := await anext(parts, None)) is not None:
-                    frames.append(f)
-            return frames[i] if i < len(frames) else None
+        await asyncio.get_running_loop().run_in_executor(None, self.broadcast.advance, self.round, self.params)
+        shared: dict[str, SharedFrames] = {}  # "change" | "whole" → its frames
 
         async def send(peer: PeerSession) -> None:
             try:
+                kind, jobs = self.broadcast.frames(peer.holds, self.params)
+                frames = shared.setdefault(kind, SharedFrames(jobs))
                 i = 0
-                while (f := await frame(i)) is not None:
+                while (f := await frames.get(i)) is not None:
                     async with self.sending:  # only a bounded number of frames sit in buffers
                         await asyncio.wait_for(peer.ws.send_bytes(f), self.hive.send_timeout)
                     rnd.bytes_out += len(f)
                     i += 1
+                peer.holds = self.round
                 mine, unsent = work[peer.id]
                 for a in ([mine] if unsent else []) + ([nxt[peer.id]] if peer.id in nxt else []):
                     message = encode(self._work(a))

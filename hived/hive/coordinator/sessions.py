@@ -65,6 +65,7 @@ class PeerSession:
     step_seconds: float = 0.0  # its compute time per inner step, averaged over rounds (0: not measured yet)
     upload: Upload | None = None  # the update being received, part by part
     sent_at: float = 0.0
+    holds: int = -1  # the round whose weights it was last sent, on this connection (-1: none)
     transport: asyncio.BaseTransport | None = None  # to drop a peer that no longer reads at once
     rate: MessageRate | None = None
 
