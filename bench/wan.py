@@ -18,7 +18,9 @@ ratio of that to ``--gpu-step-ms`` (20 ms: the issue's figure for the 10m preset
 GPU, 50 inner steps in about a second; unmeasured here). Compute utilisation (the share of wall
 time the peers spend in training steps, from the compute time each reports), round time and
 bytes each way are then what those links would give at GPU speed; the validation loss is after
-a fixed number of tokens.
+a fixed number of tokens. The WebSocket heartbeat is dilated too (a ping waits behind whatever
+the link has queued, and the dilation makes that queue as many times longer to drain), and the
+round and send timeouts are set out of the way.
 
 Addresses are those of the namespaces the bench creates (10.231.0.0/24), removed when it ends,
 Ctrl-C included; the coordinator listens on the hub namespace's loopback only.
@@ -264,11 +266,13 @@ def run_profile(args, profile: str, config: str, dilation: float) -> dict:
                                 # the last round only, on 64k tokens: off the peers' cores
                                 "--eval-interval", str(args.rounds), "--eval-tokens", "65536",
                                 "--round-timeout", "36000", "--send-timeout", "36000", "--threads", "1",
+                                "--heartbeat", str(30 * dilation),  # a ping waits behind the dilated queue
                                 *model_config(args, tmp), *args.train], log=tmp / "coordinator.log", env=env)
             for i, ns in enumerate(net.peers):
                 slow = SLOWDOWN.get(profile, {}).get(i)
                 net.start(ns, [sys.executable, "-m", "hived.cli", "join", f"ws://{SUBNET}.1:{RELAY_PORT + i}/",
                                "--key", keys[i], "--name", f"peer{i}", "--threads", "1",
+                               "--heartbeat", str(30 * dilation),
                                *(["--slowdown", str(slow)] if slow else [])],
                           log=tmp / f"peer{i}.log", env=env)
             status = wait_for_rounds(net, coordinator, tmp / "coordinator.log", args.rounds, args.timeout)

@@ -603,6 +603,8 @@ def _model_state(path: str) -> tuple:
                    "to try --work-by-speed on one machine")
 @click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True),
               help="trust this certificate for wss:// (a coordinator's self-signed one)")
+@click.option("--heartbeat", type=click.FloatRange(min=1.0), default=30.0, show_default=True,
+              help="seconds between pings to the coordinator; no answer within half of it and the peer reconnects")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="serve /metrics (Prometheus) and /healthz on this port")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="address of --metrics-port")
@@ -610,8 +612,8 @@ def _model_state(path: str) -> tuple:
 @LOG_FORMAT
 @config_option(model_table=False)
 def join(url: str | None, key: str | None, key_file, name: str | None, device: str, max_rounds: int, slowdown: float,
-         tls_ca: str | None, metrics_port: int | None, metrics_host: str, threads: int | None, log_format: str,
-         config_file: str | None) -> None:
+         tls_ca: str | None, heartbeat: float, metrics_port: int | None, metrics_host: str, threads: int | None,
+         log_format: str, config_file: str | None) -> None:
     """Join a hive: train the coordinator's model with this machine. URL is the coordinator's
     ws:// or wss:// address (or `url` in the --config file)."""
     import asyncio
@@ -632,7 +634,8 @@ def join(url: str | None, key: str | None, key_file, name: str | None, device: s
     from .device import pick_device
     from .hive.worker import TrainerWorker
 
-    peer = HivePeer(PeerOptions(url, key, name or platform.node() or "peer", device, max_rounds, ca_file=tls_ca),
+    peer = HivePeer(PeerOptions(url, key, name or platform.node() or "peer", device, max_rounds, ca_file=tls_ca,
+                                heartbeat=heartbeat),
                     TrainerWorker(pick_device(device), slowdown))
 
     async def run_peer() -> int:

@@ -42,6 +42,7 @@ class PeerOptions:
     device: str = "auto"
     max_rounds: int = 0  # 0: until stopped
     max_backoff: float = 60.0
+    heartbeat: float = 30.0  # seconds between pings; no answer within half of it and the connection is dropped
     ca_file: str | None = None  # trust this certificate (a self-signed coordinator's)
 
 
@@ -245,7 +246,7 @@ class HivePeer:
         async with aiohttp.ClientSession() as http:
             while True:
                 try:
-                    async with http.ws_connect(url, max_msg_size=MAX_FRAME_BYTES, heartbeat=30, ssl=tls) as ws:
+                    async with http.ws_connect(url, max_msg_size=MAX_FRAME_BYTES, heartbeat=self.opts.heartbeat, ssl=tls) as ws:
                         log.info("connected to %s", self.opts.url)
                         self.connected = True
                         try:

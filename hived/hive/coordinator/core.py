@@ -358,7 +358,7 @@ class Coordinator:
     # ----------------------------------------------------------------- peers
 
     async def handle_peer(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=self.limits.max_frame_bytes, heartbeat=30)
+        ws = web.WebSocketResponse(max_msg_size=self.limits.max_frame_bytes, heartbeat=self.limits.heartbeat)
         who = f"a connection from {request.remote}"
 
         def expired() -> None:

@@ -30,6 +30,7 @@ class Limits:
     max_connections_per_key: int = 1
     max_messages_per_second: float = 200.0
     message_burst: int = 2000
+    heartbeat: float = 30.0
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -55,4 +56,6 @@ HELP = {
                                "the aggregation, while strikes, bans and sit-outs stay the key's",
     "max_messages_per_second": "a peer's sustained message rate, above which it is disconnected",
     "message_burst": "messages a peer may send at once above that rate (a whole update's parts)",
+    "heartbeat": "seconds between pings to each peer; one that does not answer within half of it is cut off (a "
+                 "ping waits behind whatever is queued on the peer's downlink)",
 }
