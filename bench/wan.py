@@ -285,8 +285,10 @@ def run_profile(args, profile: str, config: str, dilation: float) -> dict:
     wall = rounds[-1]["time"] - rounds[0]["time"]
     return {"utilisation": sum(r["compute_sum"] for r in steady) / (len(links) * wall),
             "round_s": wall / len(steady) / dilation,
-            "bytes_in": sum(r["bytes_in"] for r in rounds) / len(rounds) / len(links),
-            "bytes_out": sum(r["bytes_out"] for r in rounds) / len(rounds) / len(links),
+            # the first round's weights go whole (fp32) to every peer, the rest as changes
+            "bytes_in": sum(r["bytes_in"] for r in steady) / len(steady) / len(links),
+            "bytes_out": sum(r["bytes_out"] for r in steady) / len(steady) / len(links),
+            "first_out": rounds[0]["bytes_out"] / len(links),
             "val_loss": rounds[-1]["val_loss"], "tokens": status["tokens"]}
 
 
@@ -341,13 +343,14 @@ def main() -> None:
     dilation = args.dilation or step_time(args, 4) * 1000 / args.gpu_step_ms
     print(f"dilation {dilation:.1f} (a step here / {args.gpu_step_ms:g} ms)", flush=True)
     print("| profile | config | compute utilisation | round (s, at GPU speed) | MB up / down per peer and round "
-          "| val loss | tokens |\n| --- | --- | --- | --- | --- | --- | --- |", flush=True)
+          "(the first round's down) | val loss | tokens |\n| --- | --- | --- | --- | --- | --- | --- |", flush=True)
     for profile in args.profiles:
         for config in args.configs:
             r = run_profile(args, profile, config, dilation)
             loss = "–" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
             print(f"| {profile} | {config} | {r['utilisation']:.0%} | {r['round_s']:.2f} | "
-                  f"{r['bytes_in'] / 1e6:.2f} / {r['bytes_out'] / 1e6:.2f} | {loss} | {r['tokens']:,} |",
+                  f"{r['bytes_in'] / 1e6:.2f} / {r['bytes_out'] / 1e6:.2f} ({r['first_out'] / 1e6:.1f}) | {loss} | "
+                  f"{r['tokens']:,} |",
                   flush=True)
 
 
