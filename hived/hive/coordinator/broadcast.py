@@ -17,7 +17,9 @@ reconnected or sat a round out) gets ``sent`` whole, in fp32, once.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -34,6 +36,8 @@ class Broadcast:
         self.round = -1  # the round whose weights ``sent`` holds
         self.changes: dict[str, dict] | None = None  # packed: from the previous round's weights to these
         self.base = -1  # that previous round
+        # tensors in parallel (torch releases the GIL): a round's weights wait for this
+        self.pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="hived-broadcast")
 
     def advance(self, round_: int, params: dict[str, torch.Tensor]) -> None:
         """Take the weights of ``round_`` (a round tried again takes the same weights again: a
@@ -45,11 +49,14 @@ class Broadcast:
         if self.sent is None:
             self.sent, self.round = {k: w.clone() for k, w in weights.items()}, round_
             return
-        changes = {}
-        for k, w in weights.items():
-            changes[k] = pack(w - self.sent[k], self.compression)
-            self.sent[k].add_(unpack(changes[k]))
-        self.changes, self.base, self.round = changes, self.round, round_
+        self.changes = dict(zip(weights, self.pool.map(self._change, weights, weights.values())))
+        self.base, self.round = self.round, round_
+
+    def _change(self, name: str, weights: torch.Tensor) -> dict:
+        """One tensor's change, packed; ``sent`` moves by what the peers will add."""
+        change = pack(weights - self.sent[name], self.compression)
+        self.sent[name].add_(unpack(change))
+        return change
 
     def frames(self, holds: int, params: dict[str, torch.Tensor]) -> tuple[str, Jobs]:
         """For a peer that holds the weights of round ``holds`` (-1: none): which frames it gets
