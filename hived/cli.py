@@ -467,8 +467,10 @@ STATE_DIR = _state_dir(required=True)
 @click.option("--compression", type=click.Choice(COMPRESSIONS), default="fp16", show_default=True,
               help="how updates travel: int8 is 4x smaller than fp32; topk sends 1/32 of each update's values "
                    "(about 0.75 bits a value) with the rest carried to later rounds, for slow uplinks")
-@click.option("--outer-lr", type=float, default=0.7, show_default=True)
-@click.option("--outer-momentum", type=float, default=0.9, show_default=True)
+@click.option("--outer-lr", type=float, help="diloco's outer step  [default: 0.7, or 1.0 with --compression topk]")
+@click.option("--outer-momentum", type=float,
+              help="its Nesterov momentum  [default: 0.9, or 0 with --compression topk: error feedback stands in "
+                   "for it, as in SparseLoCo]")
 @click.option("--round-timeout", type=float, default=120.0, show_default=True, help="seconds")
 @click.option("--min-peers", type=int, default=1, show_default=True)
 @click.option("--rounds", type=int, default=0, help="stop after this many rounds (0: never)")

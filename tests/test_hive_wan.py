@@ -301,3 +301,12 @@ def test_a_topk_hive_sends_changes_after_the_first_round(tmp_path, corpus, monke
     assert sent[0] > 3.5 * params and all(s < change * 1.1 for s in sent[1:]), (sent, change)
     assert peer.worker.received_round == rounds - 1
     assert all(torch.equal(peer.worker.received[k], coordinator.broadcast.sent[k]) for k in coordinator.broadcast.sent)
+
+
+def test_a_topk_hive_averages_without_outer_momentum_unless_told():
+    """SparseLoCo's outer step for top-k updates (error feedback stands in for momentum): plain
+    averaging, lr 1, no momentum; other hives keep DiLoCo's Nesterov step; a value given wins."""
+    assert (HiveConfig(compression="topk").outer_lr, HiveConfig(compression="topk").outer_momentum) == (1.0, 0.0)
+    assert (HiveConfig().outer_lr, HiveConfig().outer_momentum) == (0.7, 0.9)
+    assert HiveConfig(compression="topk", outer_momentum=0.5).outer_momentum == 0.5
+    assert HiveConfig(compression="int8", outer_lr=0.3).outer_lr == 0.3

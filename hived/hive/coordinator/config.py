@@ -15,8 +15,10 @@ class HiveConfig:
     aggregator: str = "mean"  # mean | trimmed-mean | centered-clip
     inner_steps: int = 50
     compression: str = "fp16"
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
+    # DiLoCo's Nesterov step; a topk hive takes plain averaging instead, as SparseLoCo does: its
+    # error feedback already carries each update on like momentum (and measured better, docs/benchmarks.md)
+    outer_lr: float | None = None  # 0.7, or 1.0 with topk
+    outer_momentum: float | None = None  # 0.9, or 0 with topk
     round_timeout: float = 120.0
     min_peers: int = 1
     rounds: int = 0  # 0: until stopped
@@ -37,6 +39,10 @@ class HiveConfig:
             raise ConfigError(f"--compression is one of {', '.join(COMPRESSIONS)}")
         if self.aggregator not in STRATEGIES:
             raise ConfigError(f"--aggregator is one of {', '.join(STRATEGIES)}")
+        if self.outer_lr is None:
+            self.outer_lr = 1.0 if self.compression == "topk" else 0.7
+        if self.outer_momentum is None:
+            self.outer_momentum = 0.0 if self.compression == "topk" else 0.9
         if self.outer_lr <= 0 or not 0 <= self.outer_momentum < 1:
             raise ConfigError("--outer-lr must be positive and --outer-momentum in [0, 1)")
         if min(self.inner_steps, self.min_peers, self.upload_slots, self.send_slots, self.max_strikes) < 1:
