@@ -325,9 +325,10 @@ def pieces(compression: str, calls: int = 30) -> None:
 
     from hived.hive.aggregation import WeightedMean, model_norm
     from hived.hive.compression import ErrorFeedback, unpack
+    from hived.hive.coordinator.broadcast import Broadcast
     from hived.hive.coordinator.limits import Limits
     from hived.hive.coordinator.uploads import decode_frame
-    from hived.hive.protocol import Update, Weights, decode, tensor_frames
+    from hived.hive.protocol import Update, decode, tensor_frames
     from hived.hive.worker import TrainerWorker
     from hived.trainer import fused
 
@@ -336,9 +337,26 @@ def pieces(compression: str, calls: int = 30) -> None:
     delta = {k: torch.randn_like(p) * 1e-3 for k, p in params.items()}
     feedback = ErrorFeedback(compression)
     update = [job() for job in tensor_frames(Update(0, 0, 0, 64, 3.0, 0.1), delta, compression, feedback.pack)]
-    weights = [job() for job in tensor_frames(Weights(0, 0, 0), {k: p.data for k, p in params.items()}, compression)]
+    broadcast = Broadcast(compression)
+    broadcast.advance(0, params)
+    peer = TrainerWorker(torch.device("cpu"))
+    peer.trainer = types.SimpleNamespace(model=model)
+    for job in broadcast.frames(-1, params)[1]:  # whole, once
+        peer.load(decode(job()))
+    broadcast.advance(1, params)
+    weights = [job() for job in broadcast.frames(0, params)[1]]  # then a round's change (fp32: whole again)
+
+    def load() -> None:
+        peer.received_round = 0
+        for f in weights:
+            peer.load(decode(f))
+
+    def send() -> None:
+        broadcast.advance(1, params)
+        for job in broadcast.frames(0, params)[1]:
+            job()
+
     shapes = {k: tuple(p.shape) for k, p in params.items()}
-    peer = types.SimpleNamespace(trainer=types.SimpleNamespace(model=model), loaded=set())
     decoded = [decode_frame(f, shapes, Limits()) for f in update]
     outer = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9, nesterov=True, fused=fused(torch.device("cpu")))
 
@@ -364,10 +382,8 @@ def pieces(compression: str, calls: int = 30) -> None:
         ("coordinator: sum it (add, commit, divide)", aggregate),
         ("coordinator: outer step", step),
         ("coordinator: the model's norm", lambda: model_norm(params)),
-        ("coordinator: pack the weights",
-         lambda: [job() for job in tensor_frames(Weights(0, 0, 0), {k: p.data for k, p in params.items()},
-                                                 compression)]),
-        ("peer: decode and load the weights", lambda: [TrainerWorker.load(peer, decode(f)) for f in weights]),
+        ("coordinator: take the weights' change and pack it", send),
+        ("peer: decode and load the weights' change", load),
     ]
     print(f"{sum(p.numel() for p in params.values()):,} parameters, {compression}, {len(update)} update parts, "
           f"{torch.get_num_threads()} torch threads; median ms of {calls} calls")
