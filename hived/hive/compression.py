@@ -4,9 +4,10 @@ sender's error feedback.
 Kept apart from the wire protocol (which frames whatever this packs) as hivemind keeps its
 ``compression/`` apart from its averaging. A tensor packs to a msgpack-friendly map of dtype,
 shape and bytes (int8 and int4 add one fp32 scale per block of ``INT8_BLOCK`` values; int4
-holds two values a byte). The sender of fp16, bf16, int8 or int4 updates keeps what rounding or quantisation dropped and adds it to the next
-update (error feedback), so over rounds nothing is lost, only delayed. Unpacking checks every
-size against the declared shape before it touches the bytes.
+holds two values a byte). The sender of fp16, bf16, int8 or int4 updates keeps what rounding or
+quantisation dropped and adds it to the next update (error feedback), so over rounds nothing is
+lost, only delayed. Unpacking checks every size against the declared shape before it touches
+the bytes.
 
 ``topk`` is for updates over slow uplinks (as SparseLoCo): in each chunk of ``TOPK_CHUNK``
 values only the ``TOPK_KEEP`` largest in magnitude travel, as int8 with one scale per chunk and
