@@ -246,7 +246,8 @@ class HivePeer:
         async with aiohttp.ClientSession() as http:
             while True:
                 try:
-                    async with http.ws_connect(url, max_msg_size=MAX_FRAME_BYTES, heartbeat=self.opts.heartbeat, ssl=tls) as ws:
+                    async with http.ws_connect(url, max_msg_size=MAX_FRAME_BYTES, heartbeat=self.opts.heartbeat,
+                                               ssl=tls) as ws:
                         log.info("connected to %s", self.opts.url)
                         self.connected = True
                         try:
