@@ -82,6 +82,8 @@ class TrainConfig:
     lr_schedule: str = "wsd"  # wsd | cosine | constant
     warmup_steps: int = 50
     decay_fraction: float = 0.3
+    optimizer: str = "adamw"  # adamw | muon (hidden matrices; AdamW for the rest)
+    muon_momentum: float = 0.95
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -104,6 +106,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_choice("lr_schedule", self.lr_schedule, ("wsd", "cosine", "constant"))
         _check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _check_choice("optimizer", self.optimizer, ("adamw", "muon"))
         for name in ("steps", "batch_size", "grad_accum", "eval_interval", "sample_interval",
                      "checkpoint_interval", "log_interval"):
             if getattr(self, name) < 1:
@@ -230,6 +233,10 @@ def resolve(flags: dict[str, Any], model_table: dict[str, Any] | None = None,
                 "so drop --preset/[model], or start a new run in another --out"
             )
         model = dict(resumed["model_config"])
+        saved_optimizer = merged.get("optimizer", "adamw")
+        if given.get("optimizer") not in (None, saved_optimizer):
+            raise ConfigError(f"this run was trained with --optimizer {saved_optimizer}, whose state a "
+                              f"resumed run continues; drop --optimizer, or start a new run in another --out")
     else:
         preset_name = given.get("preset") or TrainConfig.preset
         preset = load_preset(preset_name)

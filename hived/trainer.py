@@ -53,14 +53,60 @@ def fused(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu")
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: decaying gains and biases only hurts."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def hidden_matrices(model: torch.nn.Module) -> set[str]:
+    """Names of the transformer blocks' 2-D weights: what Muon orthogonalises. Embeddings, the
+    head (tied to them by default), gains and biases stay with AdamW, as in the nanoGPT speedrun."""
+    return {name for name, p in model.named_parameters()
+            if p.requires_grad and p.dim() == 2 and name.startswith("blocks.")}
+
+
+class Optimizers:
+    """Several optimizers stepped as one (Muon for hidden matrices, AdamW for the rest), so the
+    trainer, the gradient scaler, the learning-rate schedule and checkpoints see one object."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state.get("optimizers", ())) != len(self.optimizers):
+            raise ValueError("the saved optimizer state is of another --optimizer")
+        for opt, saved in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(saved)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
+                   device: torch.device) -> torch.optim.AdamW | Optimizers:
+    """AdamW with weight decay on matrices only (decaying gains and biases only hurts); with
+    ``--optimizer muon``, Muon takes the hidden matrices. Muon's step is scaled to AdamW's RMS
+    (Moonshot's rule), so one learning rate, schedule and weight decay serve both."""
+    params = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    hidden = hidden_matrices(model) if cfg.optimizer == "muon" else set()
+    rest = [p for n, p in params.items() if n not in hidden]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused(device))
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused(device))
+    if not hidden:
+        return adamw
+    muon = torch.optim.Muon([params[n] for n in sorted(hidden)], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            momentum=cfg.muon_momentum, adjust_lr_fn="match_rms_adamw")
+    return Optimizers(muon, adamw)
 
 
 class Trainer:

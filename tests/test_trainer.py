@@ -1,3 +1,4 @@
+import copy
 import math
 
 import numpy as np
@@ -104,3 +105,36 @@ def test_a_non_finite_gradient_step_is_skipped_in_sync_mode():
         weight.copy_(saved)
     grads, loss = trainer.gradients()
     assert grads is not None and math.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_muon_orthogonalises_the_hidden_matrices_and_adamw_takes_the_rest():
+    """With --optimizer muon a hidden matrix's first step is an orthogonalised momentum: its
+    singular values all near one size (Newton-Schulz's band), where AdamW's first step is a sign
+    matrix whose singular values spread. Embeddings and gains keep AdamW's sign-like step."""
+    trainer = make_trainer(optimizer="muon", lr=1e-2, warmup_steps=1, weight_decay=0.0, grad_clip=0.0)
+    adamw = make_trainer(lr=1e-2, warmup_steps=1, weight_decay=0.0, grad_clip=0.0)
+    spreads = {}
+    for name, t in (("muon", trainer), ("adamw", adamw)):
+        before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+        t.train_step()
+        step = {n: p.detach() - before[n] for n, p in t.model.named_parameters()}
+        s = torch.linalg.svdvals(step["blocks.0.mlp.up.weight"])
+        spreads[name] = (s.min() / s.max()).item()
+        gain = step["blocks.0.norm1.weight"].abs()  # Adam's first step: lr times the gradient's sign
+        assert torch.allclose(gain[gain > 0], torch.full_like(gain[gain > 0], 1e-2), rtol=1e-3), name
+    assert spreads["muon"] > 0.5 > spreads["adamw"], spreads
+    for _ in range(40):
+        trainer.train_step()
+    assert trainer.evaluate()["val_loss"] < 2.2
+
+
+def test_a_muon_trainer_resumes_exactly_from_its_state():
+    a = make_trainer(optimizer="muon", steps=6)
+    for _ in range(3):
+        a.train_step()
+    b = make_trainer(optimizer="muon", steps=6)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))  # as from disk: optimizers load state by reference
+    for _ in range(3):
+        assert a.train_step()["loss"] == b.train_step()["loss"]
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p, q)
