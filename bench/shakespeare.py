@@ -36,10 +36,11 @@ HIVED = dict(model={}, train=dict(steps=1000))  # `hived train --preset 1m --ste
 SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64)
 
 
-def run(name: str, recipe: dict, data_path: str, eval_every: int, thresholds: list[float]) -> dict:
+def run(name: str, recipe: dict, data_path: str, eval_every: int, thresholds: list[float],
+        val_fraction: float = 0.1) -> dict:
     """Train one recipe; return its eval curve, the time to each threshold and its tokens/s."""
     with tempfile.TemporaryDirectory() as cache:
-        base = TrainConfig(data=[data_path], tokenizer="char", val_fraction=0.1, cache_dir=cache,
+        base = TrainConfig(data=[data_path], tokenizer="char", val_fraction=val_fraction, cache_dir=cache,
                            eval_tokens=1 << 30)
         from hived.config import load_preset
         preset_train = load_preset("1m").get("train", {})
@@ -159,6 +160,8 @@ def main() -> None:
                    help="override a hived recipe option (model or train), e.g. --set lr=0.004")
     p.add_argument("--nanogpt", metavar="DIR", help="a nanoGPT checkout: run the reference with its own train.py "
                    "(default: the reference recipe on hived's model code)")
+    p.add_argument("--tune", action="store_true", help="score on the tuning split (the file's 80-90%%, trained "
+                   "on its first 80%%) to choose settings, leaving the reported validation split (its last 10%%) unseen")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--throughput", action="store_true", help="only compare tokens/s on the reference shape")
     args = p.parse_args()
@@ -166,6 +169,13 @@ def main() -> None:
         raise SystemExit(f"no corpus at {args.data}; pass --data PATH to tinyshakespeare.txt")
     if args.throughput:
         return throughput(args.data, max(args.repeats, 3))
+    data_path, val_fraction = args.data, 0.1
+    if args.tune:
+        text = Path(args.data).read_text(encoding="utf-8")
+        tune_file = tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8", delete=False)
+        tune_file.write(text[:int(len(text) * 0.9)])
+        tune_file.close()
+        data_path, val_fraction = tune_file.name, 1 / 9
     hived = {"model": dict(HIVED["model"]), "train": dict(HIVED["train"])}
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
     for item in args.set:
@@ -186,7 +196,7 @@ def main() -> None:
                 result = nanogpt(args.nanogpt, args.data)
                 result["time_to"] = {str(t): None for t in thresholds}  # it is scored at its end only
             else:
-                result = run(name, recipe, args.data, args.eval_every, thresholds)
+                result = run(name, recipe, data_path, args.eval_every, thresholds, val_fraction)
             results[name].append(result)
     print("\nsummary (medians over repeats)")
     for name, rs in results.items():
@@ -211,6 +221,8 @@ def main() -> None:
         print(f"hived tokens/s = {statistics.median(x['tokens_per_sec'] for x in hv) / ref_tps:.2f}x reference")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.tune:
+        Path(data_path).unlink()
 
 
 if __name__ == "__main__":

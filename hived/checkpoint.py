@@ -74,6 +74,12 @@ def save(state: dict[str, Any], path: str | Path) -> None:
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
+def served_weights(state: dict[str, Any]) -> dict[str, Any]:
+    """The weights a checkpoint is used by: the running average where the run kept one
+    (``--ema-decay``), else the trained weights."""
+    return state["ema"] if "ema" in state else state["model"]
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; every failure names the file and a fix."""
     path = Path(path)

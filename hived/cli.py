@@ -38,6 +38,7 @@ TRAIN_HELP = {
     "vocab_size": "BPE vocabulary size",
     "min_frequency": "BPE: least frequency of a merged pair",
     "val_fraction": "share of the corpus (its end) held out for validation",
+    "val_data": "validation text file or folder, instead of holding out --val-fraction (repeat for several)",
     "steps": "optimizer steps in total",
     "batch_size": "sequences per micro-batch",
     "grad_accum": "micro-batches per optimizer step",
@@ -52,6 +53,13 @@ TRAIN_HELP = {
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
     "grad_clip": "clip the gradient norm to this (0: no clipping)",
+    "ema_decay": "keep an exponential moving average of the weights with this decay (e.g. 0.999); it is "
+                 "evaluated beside the raw weights, saved with them, and what generation and export use",
+    "z_loss": "add this times log(Z)^2 to the training loss (PaLM's z-loss; e.g. 1e-4)",
+    "label_smoothing": "label smoothing of the training loss (validation loss stays plain)",
+    "layer_drop": "chance each block is skipped for a training batch (LayerDrop)",
+    "curriculum_steps": "train on short contexts first: an eighth of block_size, doubling until the full "
+                        "context at this step (0: full context throughout)",
     "eval_interval": "evaluate on the validation split every N steps (a coordinator: rounds, default 1)",
     "eval_tokens": "most validation tokens per evaluation",
     "sample_interval": "print a text sample every N steps",
@@ -83,8 +91,9 @@ def train_options(fn):
         help_text = TRAIN_HELP[f.name] + (f" [default: {shown}]" if shown not in (None, "", False) else "")
         if f.type == "bool":
             fn = click.option(f"{flag}/--no-{flag[2:]}", default=None, help=help_text)(fn)
-        elif f.name == "data":
-            fn = click.option(flag, multiple=True, type=click.Path(), help=help_text)(fn)
+        elif f.name in ("data", "val_data"):  # none given: None, as for every other option
+            fn = click.option(flag, multiple=True, type=click.Path(), help=help_text,
+                              callback=lambda ctx, param, value: list(value) or None)(fn)
         else:
             fn = click.option(flag, type={"int": int, "float": float}.get(f.type, str), default=None,
                               help=help_text)(fn)
@@ -204,7 +213,6 @@ def train(config_file: str | None, host: str, port: int, no_ui: bool, threads: i
     from .loop import Diverged
     from .local import train as run_training
 
-    flags["data"] = list(flags["data"]) or None
     run, state = resolve_run(flags, _model_table())
     stop = stop_on_signals()
     listeners: tuple = ()
@@ -283,7 +291,6 @@ def cluster(config_file: str | None, workers: str, cpus_per_worker: float, gpus_
                               name, max_rounds, threads or 0, resize_every)
     except ClusterError as exc:
         raise click.UsageError(str(exc)) from None
-    flags["data"] = list(flags["data"]) or None
     the_plan = plan(flags, _model_table(), opts)
     events = Events()
     driver = ClusterDriver(the_plan, events)
@@ -549,11 +556,13 @@ def serve(role: str, checkpoint: str | None, runs_dir: str | None, state_dir: st
 
         if not state_dir:
             raise click.UsageError("a coordinator needs --state-dir (or serve a model with --checkpoint)")
-        flags["data"] = list(flags["data"]) or None
         if flags["eval_interval"] is None:
             flags["eval_interval"] = 1  # rounds, for a coordinator
         hive = pop_dataclass(HiveConfig, flags)
         run = resolve(flags, _model_table())
+        if run.train.ema_decay:
+            raise click.UsageError("--ema-decay is for hived train and hived cluster: a hive's coordinator "
+                                   "keeps no average of its weights")
         coordinator = Coordinator(run, hive, Path(state_dir), limits=limits)
         state = RunState(role, info={"preset": run.train.preset, "hive": dataclasses.asdict(hive),
                                      "model": dataclasses.asdict(coordinator.trainer.model_cfg),

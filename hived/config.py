@@ -41,6 +41,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     qk_norm: bool = False
     rope_base: float = 10000.0
+    window: int = 0  # sliding-window attention: each position sees itself and window-1 before (0: all)
+    parallel: bool = False  # attention and MLP side by side on one norm (GPT-J, PaLM)
 
     def __post_init__(self) -> None:
         _check_choice("pos", self.pos, ("rope", "learned"))
@@ -53,6 +55,8 @@ class ModelConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.window < 0:
+            raise ConfigError("window must be 0 (attention over the whole context) or a number of positions")
 
 
 @dataclass
@@ -74,6 +78,7 @@ class TrainConfig:
     vocab_size: int = 4096
     min_frequency: int = 2
     val_fraction: float = 0.1
+    val_data: list[str] = field(default_factory=list)
     steps: int = 2000
     batch_size: int = 32
     grad_accum: int = 1
@@ -88,6 +93,11 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
+    ema_decay: float = 0.0
+    z_loss: float = 0.0
+    label_smoothing: float = 0.0
+    layer_drop: float = 0.0
+    curriculum_steps: int = 0
     eval_interval: int = 250
     eval_tokens: int = 1 << 20
     sample_interval: int = 500
@@ -115,6 +125,13 @@ class TrainConfig:
             raise ConfigError("--val-fraction must be between 0 and 1")
         if isinstance(self.data, str):
             self.data = [self.data]
+        if isinstance(self.val_data, str):
+            self.val_data = [self.val_data]
+        for name in ("ema_decay", "label_smoothing", "layer_drop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 0 and below 1")
+        if self.z_loss < 0 or self.curriculum_steps < 0:
+            raise ConfigError("--z-loss and --curriculum-steps must not be negative")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -165,18 +165,28 @@ class TokenData:
     """A tokenized corpus split into train (first part) and validation (last part)."""
 
     def __init__(self, tokens: np.ndarray, block_size: int, val_fraction: float, seed: int,
-                 name: str = "corpus"):
+                 name: str = "corpus", val: np.ndarray | None = None, val_name: str = "--val-data"):
+        """``val``: a validation split of its own (``--val-data``), so all of ``tokens`` trains."""
         n = len(tokens)
-        n_val = max(block_size + 1, int(n * val_fraction))
-        if n - n_val < block_size + 1:
-            fits = min(n // 2, n - int(n * val_fraction)) - 1  # the longest context that leaves both splits a window
-            shorter = (f", or train with a shorter context: `block_size = {fits}` (the longest that fits) under "
-                       "`[model]` in a --config file" if fits >= 2 else "")
-            raise DataError(f"{name} has only {n} tokens, too few for a context of {block_size} plus a "
-                            f"validation split; add more text{shorter}")
+        if val is not None:
+            if len(val) < block_size + 1:
+                raise DataError(f"{val_name} has only {len(val)} tokens, too few for a context of {block_size} "
+                                "plus one; add text to it, or train with a shorter context")
+            if n < block_size + 1:
+                raise DataError(f"{name} has only {n} tokens, too few for a context of {block_size} plus one; "
+                                "add more text")
+        else:
+            n_val = max(block_size + 1, int(n * val_fraction))
+            if n - n_val < block_size + 1:
+                fits = min(n // 2, n - int(n * val_fraction)) - 1  # the longest context that leaves both splits a window
+                shorter = (f", or train with a shorter context: `block_size = {fits}` (the longest that fits) under "
+                           "`[model]` in a --config file" if fits >= 2 else "")
+                raise DataError(f"{name} has only {n} tokens, too few for a context of {block_size} plus a "
+                                f"validation split; add more text{shorter}")
+            tokens, val = tokens[: n - n_val], tokens[n - n_val:]
         self.block_size = block_size
-        self.train = tokens[: n - n_val]
-        self.val = tokens[n - n_val:]
+        self.train = tokens
+        self.val = val
         self.seed = seed
         self.windows = len(self.train) // (block_size + 1)  # per epoch
         self._orders: dict[int, np.ndarray] = {}  # epoch → its permutation (the last two used)
@@ -184,11 +194,14 @@ class TokenData:
 
     @classmethod
     def from_file(cls, path: Path, vocab_size: int, block_size: int, val_fraction: float,
-                  seed: int, name: str) -> TokenData:
-        if path.stat().st_size == 0:
-            raise DataError(f"{name} encoded to no tokens; add text to --data")
-        tokens = np.memmap(path, dtype=_dtype(vocab_size), mode="r")
-        return cls(tokens, block_size, val_fraction, seed, name=name)
+                  seed: int, name: str, val_path: Path | None = None, val_name: str = "--val-data") -> TokenData:
+        def tokens(path: Path, name: str, option: str) -> np.ndarray:
+            if path.stat().st_size == 0:
+                raise DataError(f"{name} encoded to no tokens; add text to {option}")
+            return np.memmap(path, dtype=_dtype(vocab_size), mode="r")
+
+        val = tokens(val_path, val_name, "--val-data") if val_path else None
+        return cls(tokens(path, name, "--data"), block_size, val_fraction, seed, name=name, val=val, val_name=val_name)
 
     def _order(self, epoch: int) -> np.ndarray:
         order = self._orders.get(epoch)
@@ -238,14 +251,25 @@ def build_tokenizer(kind: str, docs: list[Document], vocab_size: int, min_freque
 
 
 def prepare(cfg: TrainConfig, block_size: int, tok: Tokenizer | None = None) -> tuple[Tokenizer, TokenData, str]:
-    """Corpus → tokenizer (unless given) → cached tokens → splits; also returns the cache key."""
+    """Corpus → tokenizer (unless given) → cached tokens → splits; also returns the cache key.
+    A character tokenizer also learns ``--val-data``'s characters, so none of them is unknown;
+    BPE learns from the training text alone (it can spell anything)."""
     docs = discover(cfg.data)
+    val_docs = discover(cfg.val_data) if cfg.val_data else []
     if tok is None:
-        tok = build_tokenizer(cfg.tokenizer, docs, cfg.vocab_size, cfg.min_frequency)
-    path = encode_to_cache(docs, tok, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
-    name = docs[0].name if len(docs) == 1 else f"{len(docs)} files"
-    data = TokenData.from_file(path, tok.vocab_size, block_size, cfg.val_fraction, cfg.seed, name)
-    return tok, data, path.name.split(".")[0]
+        tok = build_tokenizer(cfg.tokenizer, docs + val_docs if cfg.tokenizer == "char" else docs,
+                              cfg.vocab_size, cfg.min_frequency)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    path = encode_to_cache(docs, tok, cache)
+    val_path = encode_to_cache(val_docs, tok, cache) if val_docs else None
+    data = TokenData.from_file(path, tok.vocab_size, block_size, cfg.val_fraction, cfg.seed, _names(docs),
+                               val_path, _names(val_docs))
+    key = path.name.split(".")[0] + (f"+{val_path.name.split('.')[0]}" if val_path else "")
+    return tok, data, key
+
+
+def _names(docs: list[Document]) -> str:
+    return docs[0].name if len(docs) == 1 else f"{len(docs)} files"
 
 
 class Windows:

@@ -33,7 +33,7 @@ def model_from_state(state: dict, path: str | Path, device: str = "auto") -> tup
         )
     model = GPT(cfg)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(checkpoint.served_weights(state))
     except RuntimeError as exc:
         raise checkpoint.CheckpointError(f"{path}: weights do not match its model config ({exc})"[:500]) from None
     return model.to(pick_device(device)).eval(), tok

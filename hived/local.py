@@ -74,7 +74,7 @@ def train(run: RunConfig, state: dict | None = None, stream: TextIO | None = Non
         say(f"resuming at step {trainer.step} of {cfg.steps}")
     events.emit("start", step=trainer.step, steps=cfg.steps, params=trainer.model.num_params(),
                 config=dataclasses.asdict(cfg), model=dataclasses.asdict(trainer.model_cfg))
-    events.emit("weights", model=trainer.model, tokenizer=tok, label=f"step {trainer.step}")
+    events.emit("weights", model=trainer.served, tokenizer=tok, label=f"step {trainer.step}")
     try:
         finished = run_steps(trainer, save, stop.is_set)
     finally:

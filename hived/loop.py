@@ -54,7 +54,7 @@ def run_steps(trainer: Trainer, save: Callable[[tuple[str, ...]], None], stop: C
         if step % cfg.eval_interval == 0 or last:
             if trainer.evaluate()["improved"]:
                 names += ("best.pt",)
-            trainer.events.emit("weights", model=trainer.model, tokenizer=trainer.tokenizer, label=f"step {step}")
+            trainer.events.emit("weights", model=trainer.served, tokenizer=trainer.tokenizer, label=f"step {step}")
         if sample and (step % cfg.sample_interval == 0 or last):
             trainer.sample()
         if step % cfg.checkpoint_interval == 0 and not last:

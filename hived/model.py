@@ -87,7 +87,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head) if cfg.qk_norm else None
         self.k_norm = RMSNorm(head) if cfg.qk_norm else None
 
-    def forward(self, x, rope, cache: KVCache | None, layer: int):
+    def forward(self, x, rope, cache: KVCache | None, layer: int, mask: torch.Tensor | None = None):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         qk, v = qkv[:2], qkv[2]  # queries and keys are normed and rotated together: half the ops
@@ -99,8 +99,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         # A query block that starts at position 0 is causal; a single new token sees the whole cache.
+        # A sliding window needs its own mask (which costs the fused causal kernel).
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -133,16 +135,23 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm residual block; ``parallel`` (GPT-J, PaLM) feeds one norm's output to attention
+    and MLP side by side, one residual add instead of two, one norm fewer."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.parallel = cfg.parallel
         self.norm1 = _norm(cfg, cfg.n_embd)
         self.attn = Attention(cfg)
-        self.norm2 = _norm(cfg, cfg.n_embd)
+        self.norm2 = None if cfg.parallel else _norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.drop(self.attn(self.norm1(x), rope, cache, layer))
+    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, mask=None):
+        h = self.norm1(x)
+        if self.parallel:
+            return x + self.drop(self.attn(h, rope, cache, layer, mask) + self.mlp(h))
+        x = x + self.drop(self.attn(h, rope, cache, layer, mask))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -159,6 +168,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.grad_checkpointing = False
+        self.layer_drop = 0.0  # training only: the chance each block is skipped for a batch (LayerDrop)
         if cfg.pos == "rope":
             head = cfg.n_embd // cfg.n_head
             freqs = 1.0 / cfg.rope_base ** (torch.arange(0, head, 2).float() / head)
@@ -181,9 +191,20 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def window_mask(self, start: int, T: int, device: torch.device) -> torch.Tensor | None:
+        """Which keys each of queries ``start .. start+T-1`` may see: itself and the ``window - 1``
+        before it (None without a window: plain causal attention)."""
+        if not self.cfg.window:
+            return None
+        q = torch.arange(start, start + T, device=device)[:, None]
+        k = torch.arange(start + T, device=device)[None, :]
+        return (k <= q) & (q - k < self.cfg.window)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None):
-        """Logits for every position when ``targets`` are given (with the loss), else the last one's."""
+                cache: KVCache | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0):
+        """Logits for every position when ``targets`` are given (with the loss), else the last one's.
+        The loss is plain cross-entropy unless training asks for label smoothing or z-loss (a
+        penalty on log Z, the log of the softmax's normaliser, that keeps logits from drifting)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.block_size:
@@ -195,16 +216,23 @@ class GPT(nn.Module):
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T]) if self.wpe is None else None
         x = self.drop(x)
+        mask = self.window_mask(start, T, idx.device)
+        skip = (torch.rand(len(self.blocks)) < self.layer_drop).tolist() if self.training and self.layer_drop else None
         for i, block in enumerate(self.blocks):
+            if skip and skip[i]:
+                continue
             if self.grad_checkpointing and self.training:
-                x = checkpoint(block, x, rope, use_reentrant=False)
+                x = checkpoint(block, x, rope, None, 0, mask, use_reentrant=False)
             else:
-                x = block(x, rope, cache, i)
+                x = block(x, rope, cache, i, mask)
         if cache is not None:
             cache.pos += T
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x[:, -1:, :]), None
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        flat = logits.view(-1, logits.size(-1)).float()
+        loss = F.cross_entropy(flat, targets.reshape(-1), label_smoothing=label_smoothing)
+        if z_loss:
+            loss = loss + z_loss * torch.logsumexp(flat, dim=-1).pow(2).mean()
         return logits, loss

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .config import ModelConfig, RunConfig, TrainConfig
 from .data import TokenData, prepare
@@ -45,6 +46,19 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
         return cfg.lr
     progress = (step - decay_start) / max(1, cfg.steps - decay_start)
     return floor + (1 - min(1.0, progress)) * (cfg.lr - floor)
+
+
+def context_at(cfg: TrainConfig, step: int, block_size: int) -> int:
+    """The context length trained on at ``step``: with ``curriculum_steps``, an eighth of
+    ``block_size`` (or the shortest of its halvings that divides it and is 8 or more), doubling at
+    even intervals until the full context at ``curriculum_steps``. Each length divides the
+    block, so a batch of full windows is cut into more, shorter rows: the same tokens a step."""
+    if step >= cfg.curriculum_steps:
+        return block_size
+    lengths = [block_size]
+    while len(lengths) < 4 and lengths[0] % 2 == 0 and lengths[0] // 2 >= 8:
+        lengths.insert(0, lengths[0] // 2)
+    return lengths[step * len(lengths) // cfg.curriculum_steps]
 
 
 def fused(device: torch.device) -> bool:
@@ -122,7 +136,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = GPT(model_cfg).to(self.device)
         self.model.grad_checkpointing = cfg.low_vram
+        self.model.layer_drop = cfg.layer_drop
         self.optimizer = make_optimizer(self.model, cfg, self.device)
+        # The weights' running average, updated after every optimizer step (torch's own EMA).
+        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=False)
+                    if cfg.ema_decay else None)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.step = 0  # optimizer steps taken
@@ -148,12 +166,14 @@ class Trainer:
         leaves unscaled gradients in ``.grad`` and returns the mean loss (a tensor, unsynced)."""
         cfg = self.cfg
         total = torch.zeros((), device=self.device)
+        context = context_at(cfg, self.step, self.model_cfg.block_size)
         for _ in range(cfg.grad_accum):
             x, y = self.data.batch(self.cursor + self.rank * cfg.batch_size, cfg.batch_size)
             self.cursor += cfg.batch_size * self.world_size
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with autocast(self.device, self.dtype):
-                _, loss = self.forward(x, y)
+                _, loss = self.forward(x.reshape(-1, context), y.reshape(-1, context),
+                                       label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss)
             self.scaler.scale(loss / cfg.grad_accum).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
@@ -167,7 +187,8 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), math.inf).item()
         grads = None
         if math.isfinite(loss) and math.isfinite(norm):
-            grads = {name: p.grad.detach().clone() for name, p in self.model.named_parameters()}
+            grads = {name: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                     for name, p in self.model.named_parameters()}  # a block LayerDrop skipped has none
         else:
             self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -187,6 +208,8 @@ class Trainer:
         grad_norm = norm.item()
         if math.isfinite(loss_value) and (math.isfinite(grad_norm) or self.scaler.is_enabled()):
             self.scaler.step(self.optimizer)
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
         else:
             self.skipped_steps += 1  # never let one bad batch poison the weights
         self.scaler.update()
@@ -203,13 +226,30 @@ class Trainer:
         self.events.emit("step", **metrics)
         return metrics
 
-    @torch.no_grad()
+    @property
+    def served(self) -> GPT:
+        """The weights a run publishes, samples from and exports: the running average with
+        ``--ema-decay``, else the model itself."""
+        return self.ema.module if self.ema is not None else self.model
+
     def evaluate(self, model: GPT | None = None) -> dict[str, Any]:
         """Mean loss over the validation split (all of it, up to ``eval_tokens``), of this
-        trainer's model or of ``model`` (a copy of its weights, evaluated while it trains on).
+        trainer's model or of ``model`` (a copy of its weights, evaluated while it trains on);
+        with ``--ema-decay`` the average's too (``ema_val_loss``), and the best is the average's.
         Data-parallel trainers each take every ``world_size``-th batch and add up: all of them
         get the same figure, so all agree on whether it improved."""
-        model = model or self.model
+        val = self._val_loss(model or self.model)
+        metrics = {"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        if model is None and self.ema is not None:
+            val = metrics["ema_val_loss"] = self._val_loss(self.ema.module)
+        improved = val < self.best_val
+        self.best_val = min(self.best_val, val)
+        metrics.update(tokens=self.tokens_seen, train_time=self.train_time, improved=improved)
+        self.events.emit("eval", **metrics)
+        return metrics
+
+    @torch.no_grad()
+    def _val_loss(self, model: GPT) -> float:
         model.eval()
         total, count = 0.0, 0
         batches = self.data.val_batches(4 * self.cfg.batch_size, self.cfg.eval_tokens)
@@ -225,20 +265,12 @@ class Trainer:
         if self.world_size > 1:
             total, count = self._sum_over_ranks(torch.tensor([total, count], dtype=torch.float64,
                                                              device=self.device)).tolist()
-        val = total / count
-        improved = val < self.best_val
-        self.best_val = min(self.best_val, val)
-        metrics = {
-            "step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
-            "tokens": self.tokens_seen, "train_time": self.train_time, "improved": improved,
-        }
-        self.events.emit("eval", **metrics)
-        return metrics
+        return total / count
 
     def sample(self, prompt: str = "", max_tokens: int | None = None, model: GPT | None = None) -> str:
         """A text sample (of ``model``, if given); seeded by the step so it never disturbs the
         training RNG."""
-        model = model or self.model
+        model = model or self.served
         params = SamplingParams(max_tokens=max_tokens or self.cfg.sample_tokens, temperature=0.8,
                                 top_k=40, seed=self.cfg.seed + self.step)
         model.eval()
@@ -251,7 +283,9 @@ class Trainer:
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        ema = {"ema": self.ema.module.state_dict(), "ema_count": int(self.ema.n_averaged)} if self.ema else {}
         return {
+            **ema,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -262,6 +296,9 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+        if self.ema is not None:  # a run that turns EMA on when resumed starts its average there
+            self.ema.module.load_state_dict(state.get("ema", state["model"]))
+            self.ema.n_averaged.fill_(state.get("ema_count", 1))
         self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"]:  # empty when saved without fp16 loss scaling
             self.scaler.load_state_dict(state["scaler"])

@@ -124,3 +124,19 @@ def test_too_small_a_corpus_says_what_to_do(tmp_path):
     assert prepare(cfg, block_size=fits)[1].block_size == fits  # the advice works
     with pytest.raises(DataError):
         prepare(cfg, block_size=fits + 1)  # and is the longest that does
+
+
+def test_a_validation_file_replaces_the_held_out_fraction(tmp_path, corpus):
+    """With --val-data every token of --data trains and validation reads the other file, whose
+    characters the char tokenizer knows; too small a validation file says so by name."""
+    val = tmp_path / "val.txt"
+    val.write_text("Zebras quietly judge vexing quiz boxes.\n" * 20, encoding="utf-8")
+    cfg = TrainConfig(data=[str(corpus)], val_data=[str(val)], cache_dir=str(tmp_path / "c"))
+    tok, data, key = prepare(cfg, block_size=32)
+    assert len(data.train) == len(tok.encode(corpus.read_text(encoding="utf-8")))
+    assert np.array_equal(data.val, tok.encode(val.read_text(encoding="utf-8")))
+    assert not tok.unknown(val.read_text(encoding="utf-8"))  # "Z", "j", "x", "y", "z" are not in the corpus
+    assert key != prepare(TrainConfig(data=[str(corpus)], cache_dir=str(tmp_path / "c")), 32)[2]
+    (tmp_path / "short.txt").write_text("too short\n")
+    with pytest.raises(DataError, match=r"short\.txt has only 10 tokens"):
+        prepare(TrainConfig(data=[str(corpus)], val_data=[str(tmp_path / "short.txt")], cache_dir=str(tmp_path / "c")), 32)

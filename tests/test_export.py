@@ -128,6 +128,8 @@ def test_a_served_export_answers_under_its_folders_name(exported):
     ({"pos": "learned"}, 'norm = "layernorm" and mlp = "gelu"'),
     ({"pos": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": True}, "qk_norm = false"),
     ({"qk_norm": True, "bias": True}, "bias = false"),
+    ({"window": 16}, "window = 0"),
+    ({"parallel": True}, "parallel = false"),
 ])
 def test_a_model_no_architecture_fits_is_refused_with_the_option_to_change(options, advice):
     with pytest.raises(ConfigError, match=re.escape(advice)):

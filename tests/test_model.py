@@ -8,6 +8,8 @@ VARIANTS = [
     {},
     dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=False),
     dict(qk_norm=True),
+    dict(window=5),
+    dict(parallel=True),
 ]
 
 
@@ -97,3 +99,59 @@ def test_rmsnorm_matches_torch_and_its_gradient_is_right():
     x.grad = ours.weight.grad = None
     ref(x).backward(g)
     assert torch.allclose(ours_grads[0], x.grad) and torch.allclose(ours_grads[1], ours.weight.grad)
+
+
+def test_sliding_window_attention_never_looks_past_its_window():
+    """One layer, window 4: position i sees i-3 .. i. A token 4 back changes nothing there, one
+    3 back does; with two layers the reach is two windows (i-6), never more."""
+    torch.manual_seed(0)
+    for layers, reach in ((1, 3), (2, 6)):
+        model = GPT(small(n_layer=layers, window=4)).eval()
+        x = torch.randint(0, 50, (1, 16))
+        base, _ = model(x, x)
+        for back in (reach, reach + 1):
+            y = x.clone()
+            y[0, 15 - back] = (y[0, 15 - back] + 1) % 50
+            logits, _ = model(y, y)
+            assert torch.allclose(base[0, 15], logits[0, 15], atol=1e-6) == (back > reach), (layers, back)
+
+
+def test_the_parallel_block_adds_attention_and_mlp_of_one_norm():
+    torch.manual_seed(0)
+    model = GPT(small(parallel=True)).eval()
+    block = model.blocks[0]
+    assert block.norm2 is None and not any(".norm2." in k for k in model.state_dict())
+    x = torch.randn(2, 8, 32)
+    rope = (model.rope_cos[:8], model.rope_sin[:8])
+    h = block.norm1(x)
+    assert torch.allclose(block(x, rope), x + block.attn(h, rope, None, 0) + block.mlp(h), atol=1e-6)
+
+
+def test_z_loss_and_label_smoothing_are_the_losses_they_name():
+    torch.manual_seed(0)
+    model = GPT(small()).eval()
+    x, y = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
+    logits, plain = model(x, y)
+    flat = logits.view(-1, 50)
+    _, z = model(x, y, z_loss=1e-2)
+    assert torch.allclose(z, plain + 1e-2 * torch.logsumexp(flat, -1).pow(2).mean())
+    _, smooth = model(x, y, label_smoothing=0.1)
+    assert torch.allclose(smooth, torch.nn.functional.cross_entropy(flat, y.view(-1), label_smoothing=0.1))
+    assert smooth.item() != plain.item()
+
+
+def test_layer_drop_skips_whole_blocks_in_training_only():
+    torch.manual_seed(0)
+    model = GPT(small(n_layer=4))
+    model.layer_drop = 0.5
+    runs = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, i, o: runs.append(1))
+    x = torch.randint(0, 50, (2, 16))
+    for _ in range(50):
+        model(x, x)
+    assert 60 < len(runs) < 140  # half of 200 block runs, give or take
+    runs.clear()
+    model.eval()
+    model(x, x)
+    assert len(runs) == 4

@@ -138,3 +138,56 @@ def test_a_muon_trainer_resumes_exactly_from_its_state():
         assert a.train_step()["loss"] == b.train_step()["loss"]
     for p, q in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_ema_weights_are_the_running_average_and_what_a_checkpoint_serves():
+    from hived.checkpoint import served_weights
+
+    trainer = make_trainer(ema_decay=0.8)
+    expected = None
+    for _ in range(6):
+        trainer.train_step()
+        now = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        expected = now if expected is None else {n: 0.8 * expected[n] + 0.2 * now[n] for n in now}
+    for n, p in trainer.ema.module.named_parameters():
+        assert torch.allclose(p, expected[n], atol=1e-6), n
+    metrics = trainer.evaluate()
+    assert metrics["ema_val_loss"] != metrics["val_loss"] and trainer.best_val == metrics["ema_val_loss"]
+    state = trainer.state_dict()
+    assert served_weights(state) is state["ema"] and torch.allclose(state["ema"]["wte.weight"], expected["wte.weight"])
+    resumed = make_trainer(ema_decay=0.8)
+    resumed.load_state_dict(copy.deepcopy(state))
+    assert int(resumed.ema.n_averaged) == 6
+    assert torch.equal(resumed.served.wte.weight, trainer.ema.module.wte.weight)
+
+
+def test_the_curriculum_trains_short_contexts_first_on_the_same_tokens():
+    from hived.trainer import context_at
+
+    cfg = TrainConfig(curriculum_steps=8)
+    assert [context_at(cfg, s, 64) for s in range(10)] == [8, 8, 16, 16, 32, 32, 64, 64, 64, 64]
+    assert [context_at(cfg, s, 48) for s in range(8)] == [12, 12, 12, 24, 24, 24, 48, 48]  # halvings that divide
+    assert context_at(TrainConfig(), 0, 64) == 64
+    trainer = make_trainer(curriculum_steps=4)  # block 32: 8, 16, 32
+    shapes = []
+    trainer.model.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    for _ in range(5):
+        trainer.train_step()
+    assert shapes == [(32, 8), (32, 8), (16, 16), (8, 32), (8, 32)]
+
+
+def test_label_smoothing_and_z_loss_train_but_validation_stays_plain_cross_entropy():
+    plain, shaped = make_trainer(), make_trainer(label_smoothing=0.1, z_loss=1e-3)
+    first = plain.train_step()["loss"], shaped.train_step()["loss"]
+    assert first[1] > first[0]  # the same weights and batch: the shaped loss is the larger
+    plain.load_state_dict(copy.deepcopy(shaped.state_dict()))
+    assert plain.evaluate()["val_loss"] == shaped.evaluate()["val_loss"]
+
+
+def test_layer_drop_steps_and_hands_the_hive_zero_for_a_skipped_block():
+    trainer = make_trainer(layer_drop=0.5)
+    seed = next(s for s in range(100) if torch.manual_seed(s) and (torch.rand(2) < 0.5).tolist() == [True, False])
+    torch.manual_seed(seed)  # a draw that skips block 0 and keeps block 1
+    grads, loss = trainer.gradients()
+    assert math.isfinite(loss)
+    assert not grads["blocks.0.attn.qkv.weight"].any() and grads["blocks.1.attn.qkv.weight"].any()

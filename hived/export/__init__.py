@@ -22,11 +22,11 @@ def export(path: str | Path, fmt: str, out: str | Path, quant: str = "f16") -> s
     if fmt == "hf":
         from . import hf
 
-        name = hf.write(Path(out), cfg, state["model"], tok, state.get("step"))
+        name = hf.write(Path(out), cfg, checkpoint.served_weights(state), tok, state.get("step"))
         return f"{out}: {name}, loads with transformers' AutoModelForCausalLM and AutoTokenizer"
     from . import gguf
 
-    name = gguf.write(Path(out), cfg, state["model"], tok, quant)
+    name = gguf.write(Path(out), cfg, checkpoint.served_weights(state), tok, quant)
     return f"{out}: GGUF ({name}, {quant}), loads with llama.cpp"
 
 

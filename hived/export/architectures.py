@@ -45,6 +45,9 @@ class Family:
 
 def family(cfg: ModelConfig) -> Family:
     """The family ``cfg`` belongs to, or a ConfigError that says which option to change."""
+    if cfg.window or cfg.parallel:
+        raise ConfigError("this model maps to no Hugging Face architecture: export needs window = 0 and "
+                          "parallel = false (under [model]); a model trained with them is served by hived itself")
     if cfg.pos == "rope":
         wrong = [(k, v) for k, v in (("norm", "rmsnorm"), ("mlp", "swiglu")) if getattr(cfg, k) != v]
         if wrong:
