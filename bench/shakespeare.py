@@ -54,8 +54,9 @@ def run(name: str, recipe: dict, data_path: str, eval_every: int, thresholds: li
             trainer.train_step()
             if trainer.step % eval_every == 0 or trainer.step == cfg.steps:
                 ev = trainer.evaluate()
-                curve.append((trainer.step, round(trainer.train_time, 2), round(ev["val_loss"], 4)))
-                print(f"  {name}: step {trainer.step:5d}  {trainer.train_time:6.1f} s  val {ev['val_loss']:.4f}"
+                val = ev.get("ema_val_loss", ev["val_loss"])  # the weights a run serves
+                curve.append((trainer.step, round(trainer.train_time, 2), round(val, 4)))
+                print(f"  {name}: step {trainer.step:5d}  {trainer.train_time:6.1f} s  val {val:.4f}"
                       f"  (wall {time.perf_counter() - wall:.0f} s)", flush=True)
     reached = {str(t): next((s for _, s, v in curve if v <= t), None) for t in thresholds}
     return {
