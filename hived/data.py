@@ -15,7 +15,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
+from .progress import ByteMeter
 from .tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 from .tokenizer import load as load_tokenizer
 
@@ -47,6 +48,10 @@ class Document:
             yield builtin_text()
         else:
             yield from read_chunks(self.path)
+
+    def size(self) -> int:
+        """Bytes of text, for progress."""
+        return len(builtin_text().encode()) if self.path is None else self.path.stat().st_size
 
     def fingerprint(self) -> str:
         if self.path is None:
@@ -118,9 +123,13 @@ def read_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
         raise DataError(f"{path} is empty (no text in it); add text or leave it out of --data")
 
 
-def texts(docs: list[Document]) -> Iterator[str]:
+def texts(docs: list[Document], progress: Callable[[int], None] | None = None) -> Iterator[str]:
+    """The documents' text in chunks; ``progress`` hears each chunk's size in bytes."""
     for doc in docs:
-        yield from doc.chunks()
+        for chunk in doc.chunks():
+            if progress:
+                progress(len(chunk.encode("utf-8")))
+            yield chunk
 
 
 def validate(docs: list[Document]) -> None:
@@ -133,8 +142,9 @@ def _dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def encode_to_cache(docs: list[Document], tok: Tokenizer, cache_dir: Path, progress=None) -> Path:
-    """Encode the corpus once into ``cache_dir``; a later call with the same inputs reuses it."""
+def encode_to_cache(docs: list[Document], tok: Tokenizer, cache_dir: Path) -> Path:
+    """Encode the corpus once into ``cache_dir``; a later call with the same inputs reuses it.
+    Memory stays that of one chunk whatever the corpus's size: tokens go to disk as they come."""
     key = hashlib.sha256(tok.to_json().encode())
     for doc in docs:
         key.update(doc.fingerprint().encode())
@@ -145,14 +155,12 @@ def encode_to_cache(docs: list[Document], tok: Tokenizer, cache_dir: Path, progr
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:
-        with tmp.open("wb") as f:
+        with tmp.open("wb") as f, ByteMeter("encoding the corpus", sum(d.size() for d in docs)) as meter:
             for i, doc in enumerate(docs):
                 if i and tok.eot_id is not None:
                     np.array([tok.eot_id], dtype=dtype).tofile(f)
-                for chunk in doc.chunks():
+                for chunk in texts([doc], meter):
                     tok.encode(chunk).astype(dtype).tofile(f)
-                    if progress:
-                        progress(len(chunk))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -246,7 +254,8 @@ def build_tokenizer(kind: str, docs: list[Document], vocab_size: int, min_freque
         return CharTokenizer.train(texts(docs))
     if kind == "bpe":
         validate(docs)  # errors from inside the BPE trainer's iterator would lose the file name
-        return BPETokenizer.train(texts(docs), vocab_size, min_frequency)
+        with ByteMeter("training the BPE tokenizer", sum(d.size() for d in docs)) as meter:
+            return BPETokenizer.train(texts(docs, meter), vocab_size, min_frequency)
     return load_tokenizer(kind)
 
 

@@ -78,3 +78,38 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class ByteMeter:
+    """Progress through text (training a tokenizer on it, encoding it): a tqdm bar with MB/s on
+    a terminal, shown once the work has taken a second; elsewhere a line every ``every``
+    seconds, so a small corpus prints nothing and a large one shows it is moving."""
+
+    def __init__(self, label: str, total: int, stream: TextIO | None = None, every: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.stream = stream or sys.stderr
+        self.label, self.total, self.every, self.clock = label, total, every, clock
+        self.done = 0
+        self.start = self.last = clock()
+        self.bar = (tqdm(total=total, desc=label, file=self.stream, unit="B", unit_scale=True, unit_divisor=1 << 20,
+                         delay=1.0, dynamic_ncols=True, smoothing=0) if self.stream.isatty() else None)
+
+    def __call__(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.bar is not None:
+            self.bar.update(nbytes)
+            return
+        now = self.clock()
+        if now - self.last >= self.every:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            print(f"{self.label}: {self.done / 2**20:,.0f} of {self.total / 2**20:,.0f} MB, "
+                  f"{rate / 2**20:.1f} MB/s, ETA {_clock(eta)}", file=self.stream, flush=True)
+
+    def __enter__(self) -> ByteMeter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()

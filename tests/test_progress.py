@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import re
 
-from hived.progress import Progress
+from hived.progress import ByteMeter, Progress
 
 
 def test_the_eta_follows_the_pace_of_the_whole_run_not_of_the_last_window():
@@ -30,3 +30,15 @@ def test_the_eta_follows_the_pace_of_the_whole_run_not_of_the_last_window():
 def _seconds(clock: str) -> int:
     h, m, s = map(int, clock.split(":"))
     return 3600 * h + 60 * m + s
+
+
+def test_the_byte_meter_reports_mb_per_second_and_an_eta_every_interval_off_a_terminal():
+    now = [0.0]
+    out = io.StringIO()
+    with ByteMeter("encoding the corpus", 100 << 20, stream=out, every=10.0, clock=lambda: now[0]) as meter:
+        for _ in range(25):  # 4 MB a second for 25 s: a line at 10 s and at 20 s
+            now[0] += 1.0
+            meter(4 << 20)
+    lines = out.getvalue().splitlines()
+    assert lines == ["encoding the corpus: 40 of 100 MB, 4.0 MB/s, ETA 0:00:15",
+                     "encoding the corpus: 80 of 100 MB, 4.0 MB/s, ETA 0:00:05"]
