@@ -195,11 +195,11 @@ def measure(compression: str, rounds: int, warmup: int, peers: int, threads: int
 
 
 def convergence(data: str, rounds: int, sync_rounds: int, inner: int, outer_lr: float, outer_momentum: float,
-                seeds: list[int], lr: float | None) -> None:
+                seeds: list[int], lr: float | None, optimizer: str) -> None:
     batch, block, peers = 8, 64, 2
     tokens = rounds * peers * inner * batch * block
     steps = tokens // (batch * block)
-    common = ["--data", data, "--preset", "1m"]
+    common = ["--data", data, "--preset", "1m", "--optimizer", optimizer]
     hive_lr = ["--lr", str(lr)] if lr else []
     losses: dict[str, list[float]] = {"hive": [], "single": []}
     for seed in seeds:
@@ -223,7 +223,8 @@ def convergence(data: str, rounds: int, sync_rounds: int, inner: int, outer_lr: 
     h, single = statistics.mean(losses["hive"]), statistics.mean(losses["single"])
     print(f"tokens trained: {hive['tokens']:,} (hive) and {steps * batch * block:,} (single process)")
     print(f"diloco, {peers} peers x {inner} inner steps x {rounds} rounds, outer lr {outer_lr} momentum "
-          f"{outer_momentum}, inner lr {lr or 'as the preset'}: mean val loss {h:.4f} over {len(seeds)} seed(s)")
+          f"{outer_momentum}, inner {optimizer} lr {lr or 'as the preset'}: mean val loss {h:.4f} over "
+          f"{len(seeds)} seed(s)")
     print(f"single process, {steps} steps: mean val loss {single:.4f}")
     print(f"diloco / single = {h / single:.4f} (target: within 3%, <= 1.03)")
     sync = run_hive([*common, "--mode", "sync"], sync_rounds, peers)
@@ -532,6 +533,7 @@ def main() -> None:
     p.add_argument("--outer-lr", type=float, default=0.7)
     p.add_argument("--outer-momentum", type=float, default=0.9)
     p.add_argument("--lr", type=float, help="--convergence: the hive's inner learning rate (default: the preset's)")
+    p.add_argument("--optimizer", default="adamw", help="--convergence: the inner optimizer (and the single process's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1337], help="--convergence: one run of each per seed")
     p.add_argument("--scale", type=int, nargs="+", metavar="N", help="simulated peer counts")
     p.add_argument("--floor", action="store_true", help="time the WebSocket transport alone for one round's bytes")
@@ -550,7 +552,7 @@ def main() -> None:
         return scale(args.scale, args.rounds if args.rounds != 12 else 3)
     if args.convergence:
         return convergence(args.convergence, args.rounds, args.sync_rounds, args.inner_steps, args.outer_lr,
-                           args.outer_momentum, args.seeds, args.lr)
+                           args.outer_momentum, args.seeds, args.lr, args.optimizer)
     rows = [measure(c, args.rounds, args.warmup, args.peers, args.threads) for c in args.compressions]
     numel = rows[0]["parameters"]
     gloo = {dtype: gloo_all_reduce(numel, dtype, args.rounds, args.threads) for dtype in ("float32", "float16")}

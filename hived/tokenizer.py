@@ -96,7 +96,10 @@ class BPETokenizer:
             vocab_size=vocab_size, min_frequency=min_frequency,
             special_tokens=[EOT], initial_alphabet=alphabet, show_progress=False,
         )
-        tok.train_from_iterator(texts, trainer=trainer)
+        # Fed in pieces of 64 KB: the library holds each text it is given with per-byte alignment
+        # data, so 4 MB texts cost it 840 MB for a 20 MB corpus, where pieces cost 95 MB (and it
+        # trains twice as fast). Pieces end at newlines, which the pre-tokenizer splits at anyway.
+        tok.train_from_iterator((piece for text in texts for piece in _split_lines(text, 1 << 16)), trainer=trainer)
         return cls(tok)
 
     @property
