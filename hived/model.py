@@ -55,9 +55,11 @@ def _norm(cfg: ModelConfig, dim: int) -> nn.Module:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding, "rotate half" form (x: ..., T, D; cos/sin: T, D/2)."""
+    """Rotary position embedding, "rotate half" form (x: ..., T, D; cos: T, D, each angle's cosine
+    twice; sin: T, D, its sine negated then plain). Three passes (a multiply, one swap of the
+    halves, a fused multiply-add) where the textbook form takes seven."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.addcmul(x * cos, torch.cat((x2, x1), dim=-1), sin)
 
 
 class KVCache:
@@ -173,8 +175,8 @@ class GPT(nn.Module):
             head = cfg.n_embd // cfg.n_head
             freqs = 1.0 / cfg.rope_base ** (torch.arange(0, head, 2).float() / head)
             angles = torch.outer(torch.arange(cfg.block_size).float(), freqs)
-            self.register_buffer("rope_cos", angles.cos(), persistent=False)
-            self.register_buffer("rope_sin", angles.sin(), persistent=False)
+            self.register_buffer("rope_cos", torch.cat((angles.cos(), angles.cos()), -1), persistent=False)
+            self.register_buffer("rope_sin", torch.cat((-angles.sin(), angles.sin()), -1), persistent=False)
         self.apply(self._init_weights)
         # Scale the residual projections so the residual stream's variance does not grow with depth.
         for name, p in self.named_parameters():
