@@ -9,7 +9,8 @@ time the 10m preset takes to a fixed validation loss on the corpus (char-level),
 user feels. MFU counts 6 FLOPs a parameter a token plus attention's 12·layers·context·width,
 over the GPU's dense bf16 peak: from the table below by the device's name, or --peak-tflops.
 
-`--device cpu --steps 2` runs every path in a minute or two, to check the script, not the CPU.
+`--device cpu --steps 1 --presets 1m --loss-preset 1m --limit 5` runs every path in a few minutes,
+to check the script, not the CPU.
 """
 
 from __future__ import annotations
@@ -77,11 +78,11 @@ def throughput(preset: str, arch: dict, compile_: bool, device: str, steps: int,
             f"{tps:,.0f} | {mfu} | {mem} | {warm:.0f} s |")
 
 
-def time_to_loss(data_path: str, device: str, target: float, limit_s: float) -> str:
-    """The 10m preset, char-level, as `hived train --preset 10m` runs it: train seconds until
+def time_to_loss(data_path: str, preset: str, device: str, target: float, limit_s: float) -> str:
+    """A preset (the 10m), char-level, as `hived train --preset 10m` runs it: train seconds until
     the validation loss (1M tokens of the split's end) is at or below ``target``."""
     with tempfile.TemporaryDirectory() as cache:
-        table = load_preset("10m")
+        table = load_preset(preset)
         cfg = TrainConfig(**{**table.get("train", {}), "data": [data_path], "cache_dir": cache, "steps": 5000,
                              "device": device, "eval_tokens": 1 << 20})
         tok, data, _ = prepare(cfg, table["model"]["block_size"])
@@ -91,9 +92,10 @@ def time_to_loss(data_path: str, device: str, target: float, limit_s: float) -> 
                 trainer.train_step()
             val = trainer.evaluate()["val_loss"]
             if val <= target:
-                return (f"10m preset reaches val loss {val:.4f} (≤ {target}) at step {trainer.step} after "
+                return (f"{preset} preset reaches val loss {val:.4f} (≤ {target}) at step {trainer.step} after "
                         f"{trainer.train_time:.1f} s of training ({trainer.tokens_seen:,} tokens)")
-        return f"10m preset did not reach val loss {target} in {trainer.train_time:.0f} s (at {val:.4f}, step {trainer.step})"
+        return (f"{preset} preset did not reach val loss {target} in {trainer.train_time:.0f} s (at {val:.4f}, "
+                f"step {trainer.step})")
 
 
 def main() -> None:
@@ -106,6 +108,7 @@ def main() -> None:
     p.add_argument("--target-loss", type=float, default=1.6)
     p.add_argument("--limit", type=float, default=120.0, help="seconds of training for the time to loss")
     p.add_argument("--presets", nargs="+", default=list(PRESETS))
+    p.add_argument("--loss-preset", default="10m", help="the preset timed to --target-loss")
     args = p.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here: this benchmark needs one (or --device cpu --steps 2 to check the script)")
@@ -123,7 +126,7 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     if Path(args.data).is_file():
-        print(time_to_loss(args.data, args.device, args.target_loss, args.limit), flush=True)
+        print(time_to_loss(args.data, args.loss_preset, args.device, args.target_loss, args.limit), flush=True)
     else:
         print(f"no corpus at {args.data}: pass --data for the time to loss")
 

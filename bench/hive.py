@@ -195,7 +195,7 @@ def measure(compression: str, rounds: int, warmup: int, peers: int, threads: int
 
 
 def convergence(data: str, rounds: int, sync_rounds: int, inner: int, outer_lr: float, outer_momentum: float,
-                seeds: list[int], lr: float | None, optimizer: str) -> None:
+                seeds: list[int], lr: float | None, optimizer: str, hive_only: bool = False) -> None:
     batch, block, peers = 8, 64, 2
     tokens = rounds * peers * inner * batch * block
     steps = tokens // (batch * block)
@@ -207,6 +207,10 @@ def convergence(data: str, rounds: int, sync_rounds: int, inner: int, outer_lr: 
         hive = run_hive([*common, "--seed", str(seed), *hive_lr, "--mode", "diloco", "--inner-steps", str(inner),
                          "--outer-lr", str(outer_lr), "--outer-momentum", str(outer_momentum)], rounds, peers)
         hive_s = time.time() - t0
+        if hive_only:
+            losses["hive"].append(hive["history"][-1]["val_loss"])
+            print(f"seed {seed}: diloco val loss {losses['hive'][-1]:.4f} ({hive_s:.0f} s wall)", flush=True)
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.time()
             subprocess.run([*CLI, "train", *common, "--seed", str(seed), "--steps", str(steps), "--eval-interval",
@@ -220,6 +224,10 @@ def convergence(data: str, rounds: int, sync_rounds: int, inner: int, outer_lr: 
         print(f"seed {seed}: diloco val loss {losses['hive'][-1]:.4f} ({hive_s:.0f} s wall), single process "
               f"{losses['single'][-1]:.4f} ({local_s:.0f} s wall): {losses['hive'][-1] / losses['single'][-1]:.4f}",
               flush=True)
+    if hive_only:
+        print(f"diloco, inner {optimizer} lr {lr or 'as the preset'}: mean val loss "
+              f"{statistics.mean(losses['hive']):.4f} over {len(seeds)} seed(s)")
+        return
     h, single = statistics.mean(losses["hive"]), statistics.mean(losses["single"])
     print(f"tokens trained: {hive['tokens']:,} (hive) and {steps * batch * block:,} (single process)")
     print(f"diloco, {peers} peers x {inner} inner steps x {rounds} rounds, outer lr {outer_lr} momentum "
@@ -533,6 +541,8 @@ def main() -> None:
     p.add_argument("--outer-lr", type=float, default=0.7)
     p.add_argument("--outer-momentum", type=float, default=0.9)
     p.add_argument("--lr", type=float, help="--convergence: the hive's inner learning rate (default: the preset's)")
+    p.add_argument("--hive-only", action="store_true", help="--convergence: the hive alone, without the single "
+                   "process and sync runs it is compared with")
     p.add_argument("--optimizer", default="adamw", help="--convergence: the inner optimizer (and the single process's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1337], help="--convergence: one run of each per seed")
     p.add_argument("--scale", type=int, nargs="+", metavar="N", help="simulated peer counts")
@@ -552,7 +562,8 @@ def main() -> None:
         return scale(args.scale, args.rounds if args.rounds != 12 else 3)
     if args.convergence:
         return convergence(args.convergence, args.rounds, args.sync_rounds, args.inner_steps, args.outer_lr,
-                           args.outer_momentum, args.seeds, args.lr, args.optimizer)
+                           args.outer_momentum, args.seeds, args.lr, args.optimizer,
+                           args.hive_only)
     rows = [measure(c, args.rounds, args.warmup, args.peers, args.threads) for c in args.compressions]
     numel = rows[0]["parameters"]
     gloo = {dtype: gloo_all_reduce(numel, dtype, args.rounds, args.threads) for dtype in ("float32", "float16")}
