@@ -162,7 +162,8 @@ def main() -> None:
     p.add_argument("--nanogpt", metavar="DIR", help="a nanoGPT checkout: run the reference with its own train.py "
                    "(default: the reference recipe on hived's model code)")
     p.add_argument("--tune", action="store_true", help="score on the tuning split (the file's 80-90%%, trained "
-                   "on its first 80%%) to choose settings, leaving the reported validation split (its last 10%%) unseen")
+                   "on its first 80%%) to choose settings, leaving the reported validation split (its last "
+                   "10%%) unseen")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--throughput", action="store_true", help="only compare tokens/s on the reference shape")
     args = p.parse_args()
@@ -191,8 +192,8 @@ def main() -> None:
         for name, recipe in recipes:  # interleaved, so both see the same machine conditions
             if args.only not in (None, name):
                 continue
-            print(f"repeat {r + 1}/{args.repeats}: {name} {'nanoGPT' if args.nanogpt and name == 'reference' else recipe}",
-                  flush=True)
+            what = "nanoGPT" if args.nanogpt and name == "reference" else recipe
+            print(f"repeat {r + 1}/{args.repeats}: {name} {what}", flush=True)
             if args.nanogpt and name == "reference":
                 result = nanogpt(args.nanogpt, args.data)
                 result["time_to"] = {str(t): None for t in thresholds}  # it is scored at its end only

@@ -186,7 +186,8 @@ class TokenData:
         else:
             n_val = max(block_size + 1, int(n * val_fraction))
             if n - n_val < block_size + 1:
-                fits = min(n // 2, n - int(n * val_fraction)) - 1  # the longest context that leaves both splits a window
+                # the longest context that leaves both splits a window
+                fits = min(n // 2, n - int(n * val_fraction)) - 1
                 shorter = (f", or train with a shorter context: `block_size = {fits}` (the longest that fits) under "
                            "`[model]` in a --config file" if fits >= 2 else "")
                 raise DataError(f"{name} has only {n} tokens, too few for a context of {block_size} plus a "

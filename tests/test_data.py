@@ -139,4 +139,5 @@ def test_a_validation_file_replaces_the_held_out_fraction(tmp_path, corpus):
     assert key != prepare(TrainConfig(data=[str(corpus)], cache_dir=str(tmp_path / "c")), 32)[2]
     (tmp_path / "short.txt").write_text("too short\n")
     with pytest.raises(DataError, match=r"short\.txt has only 10 tokens"):
-        prepare(TrainConfig(data=[str(corpus)], val_data=[str(tmp_path / "short.txt")], cache_dir=str(tmp_path / "c")), 32)
+        prepare(TrainConfig(data=[str(corpus)], val_data=[str(tmp_path / "short.txt")],
+                            cache_dir=str(tmp_path / "c")), 32)

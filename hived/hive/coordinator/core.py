@@ -179,7 +179,8 @@ class Coordinator:
 
     def _peer_train_config(self) -> dict:
         cfg = dataclasses.asdict(self.outer.schedule)
-        cfg.update(data=[], val_data=[], out="", resume=False, device="auto", cache_dir="", compile=False, ema_decay=0.0)
+        cfg.update(data=[], val_data=[], out="", resume=False, device="auto", cache_dir="", compile=False,
+                   ema_decay=0.0)
         return cfg
 
     def _work(self, a: Assignment) -> Work:
