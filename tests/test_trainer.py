@@ -191,3 +191,33 @@ def test_layer_drop_steps_and_hands_the_hive_zero_for_a_skipped_block():
     grads, loss = trainer.gradients()
     assert math.isfinite(loss)
     assert not grads["blocks.0.attn.qkv.weight"].any() and grads["blocks.1.attn.qkv.weight"].any()
+
+
+def test_layer_drop_trains_under_data_parallel(tmp_path):
+    """A block LayerDrop skips has no gradients; the Ray workers' DDP must expect that. One real
+    gloo process group (its own process, so the suite's own state is untouched)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import free_port
+
+    script = tmp_path / "ddp.py"
+    script.write_text(f"""
+import json, os, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import torch.distributed as dist
+from test_trainer import make_trainer
+from hived.cluster.worker_loop import data_parallel
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{free_port()}")
+dist.init_process_group("gloo", rank=0, world_size=1)
+trainer = make_trainer(layer_drop=0.5)
+data_parallel(trainer, 0, 1)
+print(json.dumps([trainer.train_step()["loss"] for _ in range(4)]))
+dist.destroy_process_group()
+""")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    losses = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)

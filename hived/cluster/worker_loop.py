@@ -60,7 +60,10 @@ def data_parallel(trainer: Trainer, rank: int, world_size: int) -> None:
     copies rank 0's weights to every rank), its batches a share of each global batch."""
     trainer.rank, trainer.world_size = rank, world_size
     device = trainer.device
-    ddp = DistributedDataParallel(trainer.model, device_ids=[device.index] if device.type == "cuda" else None)
+    # LayerDrop leaves a skipped block without gradients, which DDP must be told to expect (every
+    # rank draws the same skips: they share the seed).
+    ddp = DistributedDataParallel(trainer.model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  find_unused_parameters=trainer.cfg.layer_drop > 0)
     trainer.forward = torch.compile(ddp) if trainer.cfg.compile else ddp
 
 
