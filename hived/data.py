@@ -24,11 +24,12 @@ import torch
 
 from .config import TrainConfig
 from .progress import ByteMeter
-from .tokenizer import BPETokenizer, CharTokenizer, Tokenizer
+from .tokenizer import BPETokenizer, CharTokenizer, Tokenizer, last_cut
 from .tokenizer import load as load_tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md")
 CHUNK_BYTES = 1 << 22
+CACHE_FORMAT = 2  # 2: chunks cut at spaces, not newlines, which could change ids next to blank lines
 BUILTIN_NAME = "<built-in corpus: Python documentation topics>"
 
 
@@ -38,7 +39,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Document:
-    """A named source of text, readable as chunks that end at line boundaries."""
+    """A named source of text, readable as chunks cut where tokenizing them apart changes nothing."""
 
     name: str
     path: Path | None = None  # None: the built-in corpus
@@ -92,7 +93,8 @@ def discover(paths: Iterable[str]) -> list[Document]:
 
 
 def read_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
-    """Decode a file as strict UTF-8 in chunks ending at newlines; refuse binary and empty files."""
+    """Decode a file as strict UTF-8 in chunks cut where a tokenizer may cut it (``last_cut``);
+    refuse binary and empty files."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
     carry, offset, any_text = "", 0, False
     with path.open("rb") as f:
@@ -114,7 +116,7 @@ def read_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
                     any_text = any_text or bool(text.strip())
                     yield text
                 break
-            cut = text.rfind("\n") + 1
+            cut = last_cut(text)
             if cut:
                 any_text = any_text or bool(text[:cut].strip())
                 yield text[:cut]
@@ -145,7 +147,7 @@ def _dtype(vocab_size: int) -> np.dtype:
 def encode_to_cache(docs: list[Document], tok: Tokenizer, cache_dir: Path) -> Path:
     """Encode the corpus once into ``cache_dir``; a later call with the same inputs reuses it.
     Memory stays that of one chunk whatever the corpus's size: tokens go to disk as they come."""
-    key = hashlib.sha256(tok.to_json().encode())
+    key = hashlib.sha256(f"{CACHE_FORMAT}:{tok.to_json()}".encode())
     for doc in docs:
         key.update(doc.fingerprint().encode())
     dtype = _dtype(tok.vocab_size)

@@ -5,7 +5,7 @@ import pytest
 
 from hived.config import TrainConfig
 from hived.data import DataError, TokenData, builtin_text, discover, encode_to_cache, prepare, texts
-from hived.tokenizer import CharTokenizer
+from hived.tokenizer import BPETokenizer, CharTokenizer
 
 
 def test_discover_finds_text_files_recursively_in_order(tmp_path):
@@ -46,14 +46,18 @@ def test_missing_paths_and_empty_folders(tmp_path):
         discover([str(tmp_path)])
 
 
-def test_chunks_end_on_lines_and_survive_split_characters(tmp_path):
+def test_chunks_encode_as_the_whole_and_survive_split_characters(tmp_path):
     path = tmp_path / "long.txt"
-    text = "".join(f"line {i} ünïcödé ✓\n" for i in range(5000))
+    # Indented lines and blank lines: whitespace runs that a cut at a newline would tokenize apart.
+    text = "".join(f"line {i} ünïcödé ✓ \n\n    indented {i}\n" for i in range(3000))
     path.write_text(text, encoding="utf-8")
     from hived.data import read_chunks
     chunks = list(read_chunks(path, chunk_bytes=1000))  # forces splits inside multi-byte characters
     assert "".join(chunks) == text
-    assert len(chunks) > 10 and all(c.endswith("\n") for c in chunks)
+    assert len(chunks) > 10
+    bpe = BPETokenizer.train([text], vocab_size=400)
+    apart = np.concatenate([bpe.encode(c) for c in chunks])
+    assert apart.tolist() == bpe.tok.encode(text, add_special_tokens=False).ids
 
 
 def test_cache_is_reused_and_memory_mapped(tmp_path, corpus):

@@ -1,4 +1,7 @@
+import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hived import tokenizer as tk
 from hived.tokenizer import BPETokenizer, CharTokenizer, TokenizerError
@@ -48,3 +51,39 @@ def test_bad_tokenizer_files_get_clear_errors(tmp_path):
     (tmp_path / "other.json").write_text('{"hello": 1}')
     with pytest.raises(TokenizerError, match="not a tokenizer file"):
         tk.load(tmp_path / "other.json")
+
+
+_CORPUS = ("Whose words these are I think I know; 'tis the 3rd time we've met. " * 30
+           + "  indented\n\n\ttabbed   spaces  end \n" * 20 + "Ünïcödé ✓ 日本語 🙂 42,000.5!\n" * 20)
+_FRAGMENTS = ["the", " the", "'s", "'ll", "  ", "\n", "\n\n", "\t", " 3rd", "42", "✓", "🙂", "日本", tk.EOT, "Ü", "?!"]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    tok = BPETokenizer.train([_CORPUS], vocab_size=600)
+    assert tok._fast is not None  # the fast encoder is the one under test
+    return tok
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(st.sampled_from(_FRAGMENTS), st.text(max_size=12)), max_size=40).map("".join))
+def test_fast_bpe_encoder_gives_the_library_ids(bpe, text):
+    assert bpe.encode(text).tolist() == bpe.tok.encode(text, add_special_tokens=False).ids
+
+
+def test_fast_bpe_encoder_over_many_pieces(bpe):
+    text = (_CORPUS + tk.EOT) * (3 * tk.PIECE // len(_CORPUS))
+    ids = bpe.encode(text)
+    assert len(tk.split_text(text, tk.PIECE)) > 2  # encoded in parallel pieces
+    assert ids.dtype == np.int64
+    assert ids.tolist() == bpe.tok.encode(text, add_special_tokens=False).ids
+
+
+def test_a_tokenizer_built_elsewhere_keeps_the_library_encoder(bpe):
+    from tokenizers import normalizers
+
+    other = tk.from_json(bpe.to_json())
+    other.tok.normalizer = normalizers.Lowercase()  # tiktoken cannot reproduce a normaliser
+    other = tk.from_json(other.to_json())
+    assert other._fast is None
+    assert other.encode("The THE").tolist() == bpe.encode("the the").tolist()
