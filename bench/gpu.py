@@ -6,7 +6,7 @@ For the 10m, 50m and 200m presets, in bf16, with and without `--compile`: tokens
 utilisation (MFU) and peak memory of hived's defaults, and of nanoGPT's shape (learned
 positions, LayerNorm, GELU) at the same size as the anchor, both on hived's trainer. Then the
 time the 10m preset takes to a fixed validation loss on the corpus (char-level), the figure a
-user feels. MFU counts 6 FLOPs a parameter a token plus attention's 12·layers·context·width,
+user feels, with Muon (the presets' optimizer) and with AdamW. MFU counts 6 FLOPs a parameter a token plus attention's 12·layers·context·width,
 over the GPU's dense bf16 peak: from the table below by the device's name, or --peak-tflops.
 
 `--device cpu --steps 1 --presets 1m --loss-preset 1m --limit 5` runs every path in a few minutes,
@@ -78,13 +78,14 @@ def throughput(preset: str, arch: dict, compile_: bool, device: str, steps: int,
             f"{tps:,.0f} | {mfu} | {mem} | {warm:.0f} s |")
 
 
-def time_to_loss(data_path: str, preset: str, device: str, target: float, limit_s: float) -> str:
-    """A preset (the 10m), char-level, as `hived train --preset 10m` runs it: train seconds until
-    the validation loss (1M tokens of the split's end) is at or below ``target``."""
+def time_to_loss(data_path: str, preset: str, optimizer: str, device: str, target: float, limit_s: float) -> str:
+    """A preset (the 10m), char-level, as `hived train --preset 10m --optimizer X` runs it: train
+    seconds until the validation loss (1M tokens of the split's end) is at or below ``target``.
+    Both optimizers at the preset's lr: the check of the presets' Muon, chosen on a CPU at 1m."""
     with tempfile.TemporaryDirectory() as cache:
         table = load_preset(preset)
         cfg = TrainConfig(**{**table.get("train", {}), "data": [data_path], "cache_dir": cache, "steps": 5000,
-                             "device": device, "eval_tokens": 1 << 20})
+                             "device": device, "eval_tokens": 1 << 20, "optimizer": optimizer})
         tok, data, _ = prepare(cfg, table["model"]["block_size"])
         trainer = Trainer(ModelConfig(**{**table["model"], "vocab_size": tok.vocab_size}), cfg, data, tok)
         while trainer.train_time < limit_s and trainer.step < cfg.steps:
@@ -92,9 +93,9 @@ def time_to_loss(data_path: str, preset: str, device: str, target: float, limit_
                 trainer.train_step()
             val = trainer.evaluate()["val_loss"]
             if val <= target:
-                return (f"{preset} preset reaches val loss {val:.4f} (≤ {target}) at step {trainer.step} after "
+                return (f"{preset} preset, {optimizer}, reaches val loss {val:.4f} (≤ {target}) at step {trainer.step} after "
                         f"{trainer.train_time:.1f} s of training ({trainer.tokens_seen:,} tokens)")
-        return (f"{preset} preset did not reach val loss {target} in {trainer.train_time:.0f} s (at {val:.4f}, "
+        return (f"{preset} preset, {optimizer}, did not reach val loss {target} in {trainer.train_time:.0f} s (at {val:.4f}, "
                 f"step {trainer.step})")
 
 
@@ -106,7 +107,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="timed steps per row, after 3 warm-up steps")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if its name is not in the table")
     p.add_argument("--target-loss", type=float, default=1.6)
-    p.add_argument("--limit", type=float, default=120.0, help="seconds of training for the time to loss")
+    p.add_argument("--limit", type=float, default=90.0, help="seconds of training for each time to loss")
     p.add_argument("--presets", nargs="+", default=list(PRESETS))
     p.add_argument("--loss-preset", default="10m", help="the preset timed to --target-loss")
     args = p.parse_args()
@@ -126,7 +127,9 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     if Path(args.data).is_file():
-        print(time_to_loss(args.data, args.loss_preset, args.device, args.target_loss, args.limit), flush=True)
+        for optimizer in ("muon", "adamw"):
+            print(time_to_loss(args.data, args.loss_preset, optimizer, args.device, args.target_loss, args.limit),
+                  flush=True)
     else:
         print(f"no corpus at {args.data}: pass --data for the time to loss")
 

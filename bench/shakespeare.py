@@ -32,7 +32,7 @@ REFERENCE = dict(
     train=dict(batch_size=12, lr=1e-3, lr_schedule="cosine", min_lr_ratio=0.1, warmup_steps=100,
                steps=2000, beta2=0.99, weight_decay=0.1),
 )
-HIVED = dict(model={}, train=dict(steps=1000))  # `hived train --preset 1m --steps 1000`, as shipped
+HIVED = dict(model={}, train=dict(steps=1000), preset="1m")  # `hived train --preset 1m --steps 1000`
 SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64)
 
 
@@ -43,7 +43,7 @@ def run(name: str, recipe: dict, data_path: str, eval_every: int, thresholds: li
         base = TrainConfig(data=[data_path], tokenizer="char", val_fraction=val_fraction, cache_dir=cache,
                            eval_tokens=1 << 30)
         from hived.config import load_preset
-        preset_train = load_preset("1m").get("train", {})
+        preset_train = load_preset(recipe["preset"]).get("train", {}) if "preset" in recipe else {}
         cfg = dataclasses.replace(base, **{**preset_train, **recipe["train"]})
         tok, data, _ = prepare(cfg, SHAPE["block_size"])
         model_cfg = ModelConfig(**{**SHAPE, **recipe["model"], "vocab_size": tok.vocab_size})
@@ -178,7 +178,7 @@ def main() -> None:
         tune_file.write(text[:int(len(text) * 0.9)])
         tune_file.close()
         data_path, val_fraction = tune_file.name, 1 / 9
-    hived = {"model": dict(HIVED["model"]), "train": dict(HIVED["train"])}
+    hived = {**HIVED, "model": dict(HIVED["model"]), "train": dict(HIVED["train"])}
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
     for item in args.set:
         key, value = item.split("=", 1)

@@ -58,8 +58,8 @@ TRAIN_HELP = {
     "z_loss": "add this times log(Z)^2 to the training loss (PaLM's z-loss; e.g. 1e-4)",
     "label_smoothing": "label smoothing of the training loss (validation loss stays plain)",
     "layer_drop": "chance each block is skipped for a training batch (LayerDrop)",
-    "curriculum_steps": "train on short contexts first: an eighth of block_size, doubling until the full "
-                        "context at this step (0: full context throughout)",
+    "curriculum_fraction": "train this share of the steps on short contexts first: an eighth of block_size, "
+                           "doubling until the full context (0: full context throughout)",
     "eval_interval": "evaluate on the validation split every N steps (a coordinator: rounds, default 1)",
     "eval_tokens": "most validation tokens per evaluation",
     "sample_interval": "print a text sample every N steps",

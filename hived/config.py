@@ -97,7 +97,7 @@ class TrainConfig:
     z_loss: float = 0.0
     label_smoothing: float = 0.0
     layer_drop: float = 0.0
-    curriculum_steps: int = 0
+    curriculum_fraction: float = 0.0
     eval_interval: int = 250
     eval_tokens: int = 1 << 20
     sample_interval: int = 500
@@ -127,11 +127,11 @@ class TrainConfig:
             self.data = [self.data]
         if isinstance(self.val_data, str):
             self.val_data = [self.val_data]
-        for name in ("ema_decay", "label_smoothing", "layer_drop"):
+        for name in ("ema_decay", "label_smoothing", "layer_drop", "curriculum_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 0 and below 1")
-        if self.z_loss < 0 or self.curriculum_steps < 0:
-            raise ConfigError("--z-loss and --curriculum-steps must not be negative")
+        if self.z_loss < 0:
+            raise ConfigError("--z-loss must not be negative")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -243,6 +243,8 @@ def resolve(flags: dict[str, Any], model_table: dict[str, Any] | None = None,
     given = {k: v for k, v in _normalise(flags).items() if v is not None}
     if resumed is not None:
         merged = dict(resumed["train_config"])
+        if "curriculum_steps" in merged:  # saved before the curriculum became a share of the steps
+            merged["curriculum_fraction"] = merged.pop("curriculum_steps") / merged.get("steps", TrainConfig.steps)
         preset_name = merged["preset"]
         if given.get("preset") not in (None, preset_name) or model_table:
             raise ConfigError(

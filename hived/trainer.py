@@ -49,16 +49,18 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def context_at(cfg: TrainConfig, step: int, block_size: int) -> int:
-    """The context length trained on at ``step``: with ``curriculum_steps``, an eighth of
-    ``block_size`` (or the shortest of its halvings that divides it and is 8 or more), doubling at
-    even intervals until the full context at ``curriculum_steps``. Each length divides the
-    block, so a batch of full windows is cut into more, shorter rows: the same tokens a step."""
-    if step >= cfg.curriculum_steps:
+    """The context length trained on at ``step``: over the first ``curriculum_fraction`` of the
+    steps, an eighth of ``block_size`` (or the shortest of its halvings that divides it and is 8 or
+    more), doubling at even intervals until the full context. Each length divides the block, so a
+    batch of full windows is cut into more, shorter rows: the same tokens a step. A share rather
+    than a step count, so a preset's curriculum fits a run of any length."""
+    short_steps = int(cfg.steps * cfg.curriculum_fraction)
+    if step >= short_steps:
         return block_size
     lengths = [block_size]
     while len(lengths) < 4 and lengths[0] % 2 == 0 and lengths[0] // 2 >= 8:
         lengths.insert(0, lengths[0] // 2)
-    return lengths[step * len(lengths) // cfg.curriculum_steps]
+    return lengths[step * len(lengths) // short_steps]
 
 
 def fused(device: torch.device) -> bool:

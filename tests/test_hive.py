@@ -176,7 +176,9 @@ def test_a_killed_coordinator_resumes_from_its_checkpoint_and_peers_rejoin(hive_
 
 @pytest.mark.parametrize("kind", ["nan", "tail", "scale"])
 def test_poisoned_updates_never_reach_the_model(hive_factory, kind):
-    hive = hive_factory("--inner-steps", "10")
+    # AdamW at full context: the smoothest loss curve (Muon's, and a curriculum's full-context
+    # loss, wobble by more than 0.05 at batch 4), so that any damage shows.
+    hive = hive_factory("--inner-steps", "10", "--optimizer", "adamw", "--curriculum-fraction", "0")
     hive.join(name="good")
     evil = hive.spawn(sys.executable, str(HERE / "evil_peer.py"), hive.url, hive.key("evil"), kind, log="evil.log")
     assert evil.wait(timeout=150) == 1  # banned after repeated bad updates, and told so

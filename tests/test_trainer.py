@@ -164,16 +164,23 @@ def test_ema_weights_are_the_running_average_and_what_a_checkpoint_serves():
 def test_the_curriculum_trains_short_contexts_first_on_the_same_tokens():
     from hived.trainer import context_at
 
-    cfg = TrainConfig(curriculum_steps=8)
+    cfg = TrainConfig(steps=32, curriculum_fraction=0.25)  # 8 steps
     assert [context_at(cfg, s, 64) for s in range(10)] == [8, 8, 16, 16, 32, 32, 64, 64, 64, 64]
     assert [context_at(cfg, s, 48) for s in range(8)] == [12, 12, 12, 24, 24, 24, 48, 48]  # halvings that divide
     assert context_at(TrainConfig(), 0, 64) == 64
-    trainer = make_trainer(curriculum_steps=4)  # block 32: 8, 16, 32
+    trainer = make_trainer(steps=40, curriculum_fraction=0.1)  # 4 steps; block 32: 8, 16, 32
     shapes = []
     trainer.model.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
     for _ in range(5):
         trainer.train_step()
     assert shapes == [(32, 8), (32, 8), (16, 16), (8, 32), (8, 32)]
+
+
+def test_a_run_saved_with_a_curriculum_step_count_resumes_on_the_same_schedule():
+    from hived.config import resolve
+
+    saved = {"train_config": {"preset": "1m", "steps": 1000, "curriculum_steps": 300}, "model_config": {}}
+    assert resolve({}, resumed=saved).train.curriculum_fraction == 0.3
 
 
 def test_label_smoothing_and_z_loss_train_but_validation_stays_plain_cross_entropy():
@@ -193,9 +200,10 @@ def test_layer_drop_steps_and_hands_the_hive_zero_for_a_skipped_block():
     assert not grads["blocks.0.attn.qkv.weight"].any() and grads["blocks.1.attn.qkv.weight"].any()
 
 
-def test_layer_drop_trains_under_data_parallel(tmp_path):
-    """A block LayerDrop skips has no gradients; the Ray workers' DDP must expect that. One real
-    gloo process group (its own process, so the suite's own state is untouched)."""
+def test_layer_drop_and_muon_train_under_data_parallel(tmp_path):
+    """A block LayerDrop skips has no gradients; the Ray workers' DDP must expect that, and Muon
+    (the presets' optimizer) must step the wrapped model. One real gloo process group (its own
+    process, so the suite's own state is untouched)."""
     import json
     import subprocess
     import sys
@@ -212,7 +220,7 @@ from test_trainer import make_trainer
 from hived.cluster.worker_loop import data_parallel
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{free_port()}")
 dist.init_process_group("gloo", rank=0, world_size=1)
-trainer = make_trainer(layer_drop=0.5)
+trainer = make_trainer(layer_drop=0.5, optimizer="muon")
 data_parallel(trainer, 0, 1)
 print(json.dumps([trainer.train_step()["loss"] for _ in range(4)]))
 dist.destroy_process_group()

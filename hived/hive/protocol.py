@@ -27,7 +27,7 @@ import zstandard
 
 from .compression import MalformedTensor, pack, packed_nbytes
 
-PROTOCOL_VERSION = 6  # 6: the train config peers are sent has the options of --optimizer and the training knobs
+PROTOCOL_VERSION = 7  # 7: the train config has curriculum_fraction; 6: --optimizer and the training knobs
 MAX_FRAME_BYTES = 64 << 20  # compressed, as received
 MAX_MESSAGE_BYTES = 256 << 20  # after decompression
 MAX_HELLO_BYTES = 16 << 10  # a frame before login, compressed or not: a Hello is a few hundred bytes
