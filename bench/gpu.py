@@ -6,8 +6,9 @@ For the 10m, 50m and 200m presets, in bf16, with and without `--compile`: tokens
 utilisation (MFU) and peak memory of hived's defaults, and of nanoGPT's shape (learned
 positions, LayerNorm, GELU) at the same size as the anchor, both on hived's trainer. Then the
 time the 10m preset takes to a fixed validation loss on the corpus (char-level), the figure a
-user feels, with Muon (the presets' optimizer) and with AdamW. MFU counts 6 FLOPs a parameter a token plus attention's 12·layers·context·width,
-over the GPU's dense bf16 peak: from the table below by the device's name, or --peak-tflops.
+user feels, with Muon (the presets' optimizer) and with AdamW. MFU counts 6 FLOPs a parameter a
+token plus attention's 12·layers·context·width, over the GPU's dense bf16 peak: from the table
+below by the device's name, or --peak-tflops.
 
 `--device cpu --steps 1 --presets 1m --loss-preset 1m --limit 5` runs every path in a few minutes,
 to check the script, not the CPU.
@@ -93,10 +94,10 @@ def time_to_loss(data_path: str, preset: str, optimizer: str, device: str, targe
                 trainer.train_step()
             val = trainer.evaluate()["val_loss"]
             if val <= target:
-                return (f"{preset} preset, {optimizer}, reaches val loss {val:.4f} (≤ {target}) at step {trainer.step} after "
-                        f"{trainer.train_time:.1f} s of training ({trainer.tokens_seen:,} tokens)")
-        return (f"{preset} preset, {optimizer}, did not reach val loss {target} in {trainer.train_time:.0f} s (at {val:.4f}, "
-                f"step {trainer.step})")
+                return (f"{preset} preset, {optimizer}, reaches val loss {val:.4f} (≤ {target}) at step "
+                        f"{trainer.step} after {trainer.train_time:.1f} s of training ({trainer.tokens_seen:,} tokens)")
+        return (f"{preset} preset, {optimizer}, did not reach val loss {target} in {trainer.train_time:.0f} s "
+                f"(at {val:.4f}, step {trainer.step})")
 
 
 def main() -> None:

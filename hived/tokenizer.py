@@ -111,7 +111,7 @@ class BPETokenizer:
         )
         # Fed in pieces of 64 KB: the library holds each text it is given with per-byte alignment
         # data, so 4 MB texts cost it 840 MB for a 20 MB corpus, where pieces cost 95 MB (and it
-        # trains twice as fast). Pieces end at newlines, which the pre-tokenizer splits at anyway.
+        # trains twice as fast). Pieces are cut where the pre-tokenizer splits anyway (``_CUT``).
         tok.train_from_iterator((piece for text in texts for piece in split_text(text, PIECE)), trainer=trainer)
         return cls(tok)
 
@@ -128,7 +128,7 @@ class BPETokenizer:
         return _tiktoken_encoding(self.tok)
 
     def encode(self, text: str) -> np.ndarray:
-        # Pieces end at newlines, which the pre-tokenizer splits at anyway, so encoding them apart
+        # Pieces are cut where the pre-tokenizer splits anyway (``_CUT``), so encoding them apart
         # gives the ids of the whole text; they are encoded on every core, and their ids gathered
         # in C rather than one Python int at a time.
         pieces = split_text(text, PIECE)

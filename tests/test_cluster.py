@@ -28,8 +28,8 @@ from conftest import daemon_status, free_port, hived, make_corpus
 # 4: 10%; AdamW at 2e-3: 0.03%). Muon's own data-parallel path is tested in test_trainer (a real
 # gloo group); the other tests here run the preset's curriculum.
 SETTINGS = ["--preset", "1m", "--optimizer", "adamw", "--lr", "2e-3", "--batch-size", "4", "--eval-interval", "10",
-            "--eval-tokens", "2048", "--sample-interval", "1000", "--sample-tokens", "20", "--warmup-steps", "2", "--checkpoint-interval", "10",
-            "--log-interval", "5", "--seed", "7"]
+            "--eval-tokens", "2048", "--sample-interval", "1000", "--sample-tokens", "20", "--warmup-steps", "2",
+            "--checkpoint-interval", "10", "--log-interval", "5", "--seed", "7"]
 
 
 class ClusterRun:

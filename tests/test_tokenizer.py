@@ -55,7 +55,8 @@ def test_bad_tokenizer_files_get_clear_errors(tmp_path):
 
 _CORPUS = ("Whose words these are I think I know; 'tis the 3rd time we've met. " * 30
            + "  indented\n\n\ttabbed   spaces  end \n" * 20 + "Ünïcödé ✓ 日本語 🙂 42,000.5!\n" * 20)
-_FRAGMENTS = ["the", " the", "'s", "'ll", "  ", "\n", "\n\n", "\t", " 3rd", "42", "✓", "🙂", "日本", tk.EOT, "Ü", "?!"]
+_FRAGMENTS = ["the", " the", "'s", "'ll", "  ", "\n", "\n\n", "\t", " 3rd", "42", "✓", "🙂", "日本", tk.EOT, "Ü",
+              "?!"]
 
 
 @pytest.fixture(scope="module")
