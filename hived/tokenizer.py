@@ -209,7 +209,7 @@ def _tiktoken_encoding(tok: HFTokenizer) -> tiktoken.Encoding | None:
     added = spec.get("added_tokens") or []
     if any(a.get("lstrip") or a.get("rstrip") or a.get("single_word") for a in added):
         return None
-    byte_of = {char: i for i, char in enumerate(_byte_level_chars())}
+    byte_of = {char: i for i, char in enumerate(byte_level_chars())}
     vocab: dict[str, int] = model["vocab"]
     specials = {a["content"]: a["id"] for a in added}
     try:
@@ -223,8 +223,9 @@ def _tiktoken_encoding(tok: HFTokenizer) -> tiktoken.Encoding | None:
     return tiktoken.Encoding("hived", pat_str=BYTE_LEVEL_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
 
 
-def _byte_level_chars() -> list[str]:
-    """The printable character the ByteLevel pre-tokenizer writes for each byte 0..255 (GPT-2's table)."""
+def byte_level_chars() -> list[str]:
+    """GPT-2's printable stand-in for each byte 0..255: the alphabet of byte-level BPE vocabularies,
+    what the ByteLevel pre-tokenizer writes."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     extra = iter(range(256, 512))
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]

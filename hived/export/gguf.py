@@ -20,7 +20,7 @@ import torch
 
 from ..config import ModelConfig
 from ..model import swiglu_hidden
-from ..tokenizer import CharTokenizer, Tokenizer
+from ..tokenizer import CharTokenizer, Tokenizer, byte_level_chars
 from . import readable
 from .architectures import LAYERNORM_EPS, RMS_EPS, family, to_family
 
@@ -98,16 +98,9 @@ def _add(writer: gguf.GGUFWriter, name: str, data: np.ndarray, quant: str) -> No
         writer.add_tensor(name, data.astype(np.float16))
 
 
-def _byte_text() -> dict[int, str]:
-    """GPT-2's printable stand-in for every byte, the alphabet of byte-level BPE vocabularies."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    return {b: chr(b) if b in keep else chr(next(extra)) for b in range(256)}
-
-
 def _tokenizer(writer: gguf.GGUFWriter, tok: Tokenizer) -> None:
     if isinstance(tok, CharTokenizer):
-        alphabet = _byte_text()
+        alphabet = byte_level_chars()
         chars = ["\ufffd", *tok.chars]  # id 0 is the unknown token
         tokens = ["".join(alphabet[b] for b in c.encode("utf-8")) for c in chars]
         merges = list(dict.fromkeys(f"{token[:i]} {token[i]}" for token in tokens for i in range(1, len(token))))
